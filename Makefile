@@ -1,0 +1,24 @@
+# Two entry points: `make demo` (the main job) and `make test`. Each creates .venv when it
+# is missing and installs the project into it, pinned by constraints.txt.
+PY ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean-venv
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --upgrade pip
+	$(VENV)/bin/python -m pip install -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/python -m mflightning.demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)

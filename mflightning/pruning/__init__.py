@@ -1,0 +1,28 @@
+"""The pruning engine: pure torch, no Lightning."""
+from .allocation import ALLOCATIONS, compute_masks
+from .engine import METHODS, check_method, check_sparsity, prune
+from .presets import Preset, available_presets, get_preset, register_preset
+from .result import PruningResult, apply_masks
+from .stats import collect_gradients, collect_input_norms, default_forward, default_token_mask
+from .targets import find_targets, resolve_modalities
+
+__all__ = [
+    "ALLOCATIONS",
+    "METHODS",
+    "Preset",
+    "PruningResult",
+    "apply_masks",
+    "available_presets",
+    "check_method",
+    "check_sparsity",
+    "collect_gradients",
+    "collect_input_norms",
+    "compute_masks",
+    "default_forward",
+    "default_token_mask",
+    "find_targets",
+    "get_preset",
+    "prune",
+    "register_preset",
+    "resolve_modalities",
+]
