@@ -1,0 +1,217 @@
+"""MultiFlowCallback in real Trainer runs: sparsity survives fine-tuning, resume, mask files, precision."""
+import csv
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from mflightning import MultiFlowCallback, PruningResult, prune
+from toy_models import GROUPS, ToyModule, make_batches
+
+COMMON = dict(modalities=GROUPS, exclude=[r"head\."])
+
+
+def trainer(tmp_path, **kwargs) -> L.Trainer:
+    options = dict(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+def loader(n=8, seed=1):
+    return DataLoader(make_batches(n, seed=seed), batch_size=None)
+
+
+def assert_pruned_weights_are_zero(callback, module):
+    params = dict(module.named_parameters())
+    assert callback.pruned_masks
+    for name, pruned in callback.pruned_masks.items():
+        assert (params[name].detach()[pruned] == 0).all(), name
+
+
+def test_sparsity_survives_adamw_clipping_and_accumulation(tmp_path):
+    module = ToyModule()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    callback = MultiFlowCallback(0.75, calibration=make_batches(4), **COMMON)
+    trainer(tmp_path, max_epochs=2, gradient_clip_val=0.5, accumulate_grad_batches=3, callbacks=[callback]).fit(
+        module, loader()
+    )
+    assert_pruned_weights_are_zero(callback, module)
+    assert callback.measured_sparsity(module)["total"] == pytest.approx(0.75, abs=0.01)
+    # training did happen: kept weights moved
+    kept = ~callback.pruned_masks["model.text.fc1.weight"]
+    assert not torch.equal(module.model.text.fc1.weight[kept], before["model.text.fc1.weight"][kept])
+    assert module.calibration_calls == 4
+
+
+class GradientProbe(L.Callback):
+    """Records the largest pruned-gradient magnitude seen by gradient clipping."""
+
+    def __init__(self, pruning: MultiFlowCallback):
+        self.pruning = pruning
+        self.seen = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        params = dict(pl_module.named_parameters())
+        self.seen.append(max(params[n].grad[m].abs().max().item() for n, m in self.pruning.pruned_masks.items()))
+
+
+def test_pruned_gradients_are_zero_before_clipping_and_the_step(tmp_path):
+    callback = MultiFlowCallback(0.5, method="omp", **COMMON)
+    probe = GradientProbe(callback)  # runs after the pruning callback, like gradient clipping does
+    trainer(tmp_path, max_steps=3, gradient_clip_val=1.0, callbacks=[callback, probe]).fit(ToyModule(), loader())
+    assert probe.seen and max(probe.seen) == 0.0
+
+
+class TwoOptimizers(ToyModule):
+    """Manual optimization with one optimizer per modality."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        opt_v, opt_t = self.optimizers()
+        opt_v.zero_grad()
+        opt_t.zero_grad()
+        self.manual_backward(loss)
+        opt_v.step()
+        if batch_idx % 2 == 0:
+            opt_t.step()
+        return loss
+
+    def configure_optimizers(self):
+        vision = [p for n, p in self.named_parameters() if n.startswith("model.vision")]
+        rest = [p for n, p in self.named_parameters() if not n.startswith("model.vision")]
+        return torch.optim.SGD(vision, lr=0.5, momentum=0.9, weight_decay=0.1), torch.optim.AdamW(rest, lr=0.05)
+
+
+def test_several_optimizers_keep_their_weights_sparse(tmp_path):
+    module = TwoOptimizers()
+    callback = MultiFlowCallback(0.6, calibration=make_batches(2), **COMMON)
+    trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(module, loader())
+    assert_pruned_weights_are_zero(callback, module)
+
+
+def test_resume_restores_masks_without_calibrating(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = MultiFlowCallback(0.7, calibration=make_batches(3), **COMMON)
+    trainer(tmp_path, max_epochs=1, callbacks=[first, checkpoint], enable_checkpointing=True).fit(ToyModule(), loader())
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    state = next(v for k, v in saved["callbacks"].items() if "MultiFlowCallback" in k)
+    for name, kept in state["masks"].items():
+        assert (saved["state_dict"][name][~kept] == 0).all(), "checkpointed weights must be truly sparse"
+
+    resumed_module = ToyModule(seed=5)
+    second = MultiFlowCallback(0.7, calibration=make_batches(3), **COMMON)
+    trainer(tmp_path, max_epochs=2, callbacks=[second]).fit(
+        resumed_module, loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+    )
+    assert resumed_module.calibration_calls == 0
+    assert {n: m for n, m in second.pruned_masks.items()}.keys() == first.pruned_masks.keys()
+    for name, pruned in first.pruned_masks.items():
+        assert torch.equal(second.pruned_masks[name], pruned)
+    assert_pruned_weights_are_zero(second, resumed_module)
+
+
+def test_a_mask_file_is_applied_without_calibration_and_logged(tmp_path):
+    module = ToyModule()
+    result = prune(module.model, sparsity=0.8, calibration=make_batches(2),
+                   forward=lambda m, b: m(b["image"], b["input_ids"], b["attention_mask"]), **COMMON)
+    path = result.save(tmp_path / "masks.safetensors")
+    callback = MultiFlowCallback(masks=path)
+    logger = CSVLogger(tmp_path, name="log")
+    trainer(tmp_path, max_steps=4, callbacks=[callback], logger=logger).fit(module, loader())
+    assert module.calibration_calls == 0
+    assert_pruned_weights_are_zero(callback, module)
+    assert set(callback.pruned_masks) == {f"model.{n}" for n in result.masks}
+    with open(logger.log_dir + "/metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    logged = {k: float(v) for row in rows for k, v in row.items() if k.startswith("pruning/") and v}
+    assert logged["pruning/sparsity"] == pytest.approx(result.sparsity)
+    assert set(logged) == {"pruning/sparsity", "pruning/sparsity_vision", "pruning/sparsity_text"}
+
+
+class WithCalibrationData(L.LightningDataModule):
+    def train_dataloader(self):
+        return loader()
+
+    def calibration_dataloader(self):
+        return DataLoader(make_batches(3, seed=7), batch_size=None)
+
+
+class Evaluated(ToyModule):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.training_step(batch, batch_idx))
+
+
+def test_calibration_comes_from_the_datamodule_and_validate_alone_prunes(tmp_path):
+    module = ToyModule()
+    callback = MultiFlowCallback(0.5, save_masks=tmp_path / "out" / "m.safetensors", **COMMON)
+    trainer(tmp_path, max_steps=2, callbacks=[callback]).fit(module, datamodule=WithCalibrationData())
+    assert module.calibration_calls == 3
+    assert PruningResult.load(tmp_path / "out" / "m.safetensors").sparsity == pytest.approx(0.5, abs=0.01)
+
+    fresh = Evaluated()
+    evaluator = MultiFlowCallback(masks=tmp_path / "out" / "m.safetensors")
+    trainer(tmp_path, callbacks=[evaluator]).validate(fresh, loader(2))
+    assert_pruned_weights_are_zero(evaluator, fresh)
+
+
+def test_bf16_mixed_precision_calibrates_in_fp32_and_stays_sparse(tmp_path):
+    module = ToyModule()
+    callback = MultiFlowCallback(0.6, calibration=make_batches(3), **COMMON)
+    trainer(tmp_path, max_steps=4, precision="bf16-mixed", callbacks=[callback]).fit(module, loader())
+    assert_pruned_weights_are_zero(callback, module)
+    # the same masks as an fp32 run: bf16 autocast changes activations slightly, statistics stay fp32
+    reference = prune(ToyModule(), sparsity=0.6, calibration=make_batches(3),
+                      forward=lambda m, b: m.calibration_step(b), **COMMON)
+    agreement = torch.cat([
+        (callback.pruned_masks[n] == ~reference.masks[n]).flatten() for n in reference.masks
+    ]).float().mean()
+    assert agreement > 0.97
+
+
+def test_bad_callback_arguments_are_named(tmp_path):
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        MultiFlowCallback(1.0)
+    with pytest.raises(ValueError, match="unknown pruning method 'nope'"):
+        MultiFlowCallback(0.5, method="nope")
+    with pytest.raises(ValueError, match="needs a sparsity"):
+        MultiFlowCallback()
+    with pytest.raises(FileNotFoundError, match="absent.safetensors"):
+        MultiFlowCallback(masks=tmp_path / "absent.safetensors")
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        trainer(tmp_path, max_steps=1, callbacks=[MultiFlowCallback(0.5, **COMMON)]).fit(ToyModule(), loader())
+    with pytest.raises(ValueError, match="yielded no batches"):
+        trainer(tmp_path, max_steps=1, callbacks=[MultiFlowCallback(0.5, calibration=[], **COMMON)]).fit(
+            ToyModule(), loader()
+        )
+
+
+class InfEveryOtherStep(ToyModule):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if batch_idx % 2 == 0 else loss
+
+
+def test_skipped_amp_steps_leave_the_weights_alone(tmp_path, monkeypatch):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    module = InfEveryOtherStep()
+    callback = MultiFlowCallback(0.5, method="omp", **COMMON)
+    real_steps = []
+    original = callback._after_step
+    monkeypatch.setattr(callback, "_after_step", lambda *a: (real_steps.append(1), original(*a)))
+    scaler = torch.amp.GradScaler("cpu")
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    trainer(tmp_path, max_steps=6, plugins=[plugin], callbacks=[callback]).fit(module, loader())
+    assert len(real_steps) == 3  # the scaler skipped the three steps with an infinite loss
+    assert_pruned_weights_are_zero(callback, module)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
