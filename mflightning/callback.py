@@ -167,6 +167,11 @@ class MultiFlowCallback(Callback):
     def _ensure_pruned(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._pruned:
             return
+        # validate/test hooks run under inference mode; masks must stay usable by a later fit
+        with torch.inference_mode(False):
+            self._prune_or_restore(trainer, pl_module)
+
+    def _prune_or_restore(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._restored is not None:
             masks = {name: m.bool() for name, m in self._restored["masks"].items()}
             params = dict(pl_module.named_parameters())

@@ -87,7 +87,7 @@ def find_targets(model: nn.Module, spec: GroupSpec) -> dict[str, Target]:
         group = spec.assign(name)
         if group is None:
             raise ValueError(
-                f"prunable layer {name!r} ({tuple(weight.shape)}) matches no modality group "
+                f"prunable layer {name!r} {tuple(weight.shape)} matches no modality group "
                 f"({spec.description}); add it to a group or to `exclude`"
             )
         filter_tokens = group != "vision" and not any(re.search(p, name) for p in spec.unfiltered)
