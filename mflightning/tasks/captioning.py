@@ -1,0 +1,118 @@
+"""Image captioning with BLIP's decoder: prompted LM training, beam-search generation, COCO metrics."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from mflightning.metrics import caption_scores
+from mflightning.models.blip import shifted_lm_loss, with_first_token
+from mflightning.tasks.base import BlipTaskModule, _require
+from mflightning.tasks.distributed import broadcast_from_zero, dedupe, gather_objects
+
+
+def coco_image_id(image_id: Any) -> Any:
+    """COCO results use integer ids: a decimal string becomes an int, anything else is kept."""
+    if isinstance(image_id, str) and image_id.isdigit():
+        return int(image_id)
+    return image_id
+
+
+class CaptioningModule(BlipTaskModule):
+    """BLIP captioning (COCO Karpathy protocol).
+
+    Training: LM loss with label smoothing on ``"<prompt><caption>"`` (first token replaced by
+    [DEC]); prompt tokens and padding are not in the loss. Evaluation: beam search (``num_beams``,
+    ``min_length``/``max_length`` count the prompt tokens, as in BLIP), captions gathered across
+    processes (deduplicated by ``image_id``), scored with ``caption_scores`` (``val/bleu4``,
+    ``val/cider`` ...) and written as a COCO results JSON ``[{"image_id", "caption"}]``.
+    """
+
+    def __init__(
+        self, *args: Any, prompt: str = "a picture of ", label_smoothing: float = 0.1, num_beams: int = 3,
+        min_length: int = 5, max_length: int = 20, repetition_penalty: float = 1.0, **kwargs: Any,
+    ):
+        kwargs.setdefault("lr", 1e-5)
+        kwargs.setdefault("weight_decay", 0.05)
+        super().__init__(*args, **kwargs)
+        self.prompt = prompt
+        self.label_smoothing = label_smoothing
+        self.num_beams = num_beams
+        self.min_length = min_length
+        self.max_length = max_length
+        self.repetition_penalty = repetition_penalty
+        # [CLS] + prompt word pieces ([SEP] dropped): positions excluded from the loss.
+        self.prompt_length = len(self.tokenizer(prompt).input_ids) - 1
+        if max_length <= self.prompt_length:
+            raise ValueError(f"max_length {max_length} leaves no room after the {self.prompt_length}-token prompt")
+        self._eval_outputs: list[tuple[Any, str, list[str]]] = []
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        _require(batch, ("image", "input_ids", "attention_mask"), "captioning train batch")
+        image_embeds = self.backbone.encode_image(batch["image"])
+        input_ids = with_first_token(batch["input_ids"], self.dec_token_id)
+        labels = input_ids.masked_fill(batch["attention_mask"] == 0, -100)
+        labels[:, : self.prompt_length] = -100
+        logits = self.backbone.decode(input_ids, batch["attention_mask"], image_embeds)
+        loss = shifted_lm_loss(logits, labels, label_smoothing=self.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True, batch_size=input_ids.size(0))
+        return loss
+
+    @torch.no_grad()
+    def generate(self, image: torch.Tensor) -> list[str]:
+        """Captions for a batch of images (prompt removed)."""
+        image_embeds = self.backbone.encode_image(image)
+        prompt = self.tokenizer([self.prompt] * image.size(0), return_tensors="pt").input_ids[:, :-1]
+        prompt = with_first_token(prompt, self.dec_token_id).to(image.device)
+        output = self.backbone.text_decoder.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=self.backbone.image_attention_mask(image_embeds),
+            num_beams=self.num_beams,
+            min_length=self.min_length,
+            max_length=self.max_length,
+            repetition_penalty=self.repetition_penalty,
+            eos_token_id=self.sep_token_id,
+            pad_token_id=self.pad_token_id,
+            do_sample=False,
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(output[:, prompt.size(1):], skip_special_tokens=True)]
+
+    # ----------------------------------------------------------------- evaluation
+    def on_validation_epoch_start(self) -> None:
+        self._eval_outputs = []
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_outputs = []
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._evaluate("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluate("test")
+
+    def _eval_step(self, batch: Mapping[str, Any]) -> None:
+        _require(batch, ("image", "image_id", "captions"), "captioning eval batch")
+        captions = self.generate(batch["image"])
+        if len(batch["image_id"]) != len(captions) or len(batch["captions"]) != len(captions):
+            raise ValueError(f"captioning eval batch: {len(captions)} images but {len(batch['image_id'])} image_id "
+                             f"and {len(batch['captions'])} reference lists")
+        for image_id, caption, refs in zip(batch["image_id"], captions, batch["captions"]):
+            self._eval_outputs.append((image_id, caption, list(refs)))
+
+    def _evaluate(self, stage: str) -> None:
+        outputs, self._eval_outputs = self._eval_outputs, []
+        items = dedupe((item for part in gather_objects(outputs) for item in part), key=lambda item: str(item[0]))
+        if not items:
+            raise RuntimeError(f"captioning {stage}: no images were evaluated")
+        self.write_results(stage, "captions", [{"image_id": coco_image_id(i), "caption": c} for i, c, _ in items])
+        predictions = {str(i): c for i, c, _ in items}
+        references = {str(i): refs for i, _, refs in items}
+        self.log_metrics(stage, broadcast_from_zero(lambda: caption_scores(predictions, references)))
