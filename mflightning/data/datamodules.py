@@ -68,7 +68,7 @@ class VLDataModule(L.LightningDataModule):
     def __init__(
         self,
         image_root: str,
-        tokenizer: str = "bert-base-uncased",
+        tokenizer: str | Any = "bert-base-uncased",
         image_size: int = 384,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
@@ -77,6 +77,7 @@ class VLDataModule(L.LightningDataModule):
         skip_bad_records: bool = False,
         augment: bool = True,
         hflip: bool = True,
+        crop_scale: tuple[float, float] = TASK_CROP_SCALE,
         calibration_json: JsonArg = None,
         calibration_image_root: str | None = None,
         calibration_image_size: int = 224,
@@ -92,7 +93,11 @@ class VLDataModule(L.LightningDataModule):
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
         self.image_root = os.fspath(image_root)
-        self.tokenizer_name = os.fspath(tokenizer)
+        if isinstance(tokenizer, (str, os.PathLike)):
+            self.tokenizer_name, self._tokenizer = os.fspath(tokenizer), None
+        else:  # a ready tokenizer object (must carry [DEC]/[ENC], e.g. from build_tokenizer)
+            self.tokenizer_name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+            self._tokenizer = tokenizer
         self.image_size = image_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -101,25 +106,29 @@ class VLDataModule(L.LightningDataModule):
         self.skip_bad_records = skip_bad_records
         self.augment = augment
         self.hflip = hflip
+        lo, hi = crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}")
+        self.crop_scale = (float(lo), float(hi))
+        self.calibration_crop_scale = CALIBRATION_CROP_SCALE
         self.calibration_json = calibration_json
         self.calibration_image_root = os.fspath(calibration_image_root or image_root)
         self.calibration_image_size = calibration_image_size
         self.calibration_batch_size = calibration_batch_size
         self.calibration_max_length = calibration_max_length
         self.seed = seed
-        self._tokenizer = None
         self._datasets: dict[str, Dataset] = {}
 
     @property
     def tokenizer(self):
-        """The BERT tokenizer with [DEC]/[ENC], built on first use (no download at construction)."""
+        """The BERT tokenizer with [DEC]/[ENC] (given, or built on first use: no download at construction)."""
         if self._tokenizer is None:
             self._tokenizer = build_tokenizer(self.tokenizer_name)
         return self._tokenizer
 
     def train_transform(self):
-        """Task training transform: RandomResizedCrop(scale 0.5-1), flip, RandAugment."""
-        return build_train_transform(self.image_size, TASK_CROP_SCALE, self.augment, self.hflip)
+        """Task training transform: RandomResizedCrop(crop_scale, default 0.5-1), flip, RandAugment."""
+        return build_train_transform(self.image_size, self.crop_scale, self.augment, self.hflip)
 
     def test_transform(self):
         """Evaluation transform: square resize."""
@@ -138,7 +147,7 @@ class VLDataModule(L.LightningDataModule):
     def _calibration_dataset(self) -> Dataset:
         if not self.calibration_json:
             raise ValueError(f"{type(self).__name__} has no calibration data: pass calibration_json")
-        transform = build_train_transform(self.calibration_image_size, CALIBRATION_CROP_SCALE,
+        transform = build_train_transform(self.calibration_image_size, self.calibration_crop_scale,
                                           self.augment, self.hflip)
         return ImageTextDataset(self.calibration_json, self.calibration_image_root, transform,
                                 self.skip_bad_records)
@@ -199,14 +208,16 @@ class CalibrationDataModule(VLDataModule):
         skip_bad_records: bool = False,
         augment: bool = True,
         hflip: bool = True,
+        crop_scale: tuple[float, float] = CALIBRATION_CROP_SCALE,
         seed: int = 0,
     ):
         super().__init__(
             image_root, tokenizer, image_size, batch_size, None, num_workers, max_length, skip_bad_records,
-            augment, hflip, calibration_json=calibration_json, calibration_image_root=image_root,
+            augment, hflip, crop_scale, calibration_json=calibration_json, calibration_image_root=image_root,
             calibration_image_size=image_size, calibration_batch_size=batch_size,
             calibration_max_length=max_length, seed=seed,
         )
+        self.calibration_crop_scale = self.crop_scale
         self.save_hyperparameters()
 
     def _build_dataset(self, split: str) -> Dataset:
@@ -273,6 +284,7 @@ class RetrievalDataModule(_KarpathyDataModule):
         skip_bad_records: bool = False,
         augment: bool = True,
         hflip: bool = True,
+        crop_scale: tuple[float, float] = TASK_CROP_SCALE,
         calibration_json: JsonArg = None,
         calibration_image_root: str | None = None,
         calibration_image_size: int = 224,
@@ -284,7 +296,7 @@ class RetrievalDataModule(_KarpathyDataModule):
             train_json, val_json, test_json, image_root, tokenizer=tokenizer, image_size=image_size,
             batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
             max_length=max_length, skip_bad_records=skip_bad_records, augment=augment, hflip=hflip,
-            calibration_json=calibration_json, calibration_image_root=calibration_image_root,
+            crop_scale=crop_scale, calibration_json=calibration_json, calibration_image_root=calibration_image_root,
             calibration_image_size=calibration_image_size, calibration_batch_size=calibration_batch_size,
             calibration_max_length=calibration_max_length, seed=seed,
         )
@@ -295,7 +307,7 @@ class RetrievalDataModule(_KarpathyDataModule):
         return self._train_loader(self.dataset("train"), ImageTextCollate(self.tokenizer, self.max_length, True))
 
     def val_dataloader(self) -> DataLoader:
-        """Images with their captions: image, image_idx, text_input_ids, text_attention_mask, text_idx, text_image_idx."""
+        """Images with their captions: image, image_idx, text_input_ids/attention_mask, text_idx, text_image_idx."""
         return self._eval_loader(self.dataset("val"), RetrievalEvalCollate(self.tokenizer, self.max_length))
 
     def test_dataloader(self) -> DataLoader:
@@ -321,6 +333,7 @@ class CaptionDataModule(_KarpathyDataModule):
         skip_bad_records: bool = False,
         augment: bool = True,
         hflip: bool = True,
+        crop_scale: tuple[float, float] = TASK_CROP_SCALE,
         prompt: str = "a picture of ",
         calibration_json: JsonArg = None,
         calibration_image_root: str | None = None,
@@ -333,7 +346,7 @@ class CaptionDataModule(_KarpathyDataModule):
             train_json, val_json, test_json, image_root, tokenizer=tokenizer, image_size=image_size,
             batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
             max_length=max_length, skip_bad_records=skip_bad_records, augment=augment, hflip=hflip,
-            calibration_json=calibration_json, calibration_image_root=calibration_image_root,
+            crop_scale=crop_scale, calibration_json=calibration_json, calibration_image_root=calibration_image_root,
             calibration_image_size=calibration_image_size, calibration_batch_size=calibration_batch_size,
             calibration_max_length=calibration_max_length, seed=seed,
         )
@@ -382,6 +395,7 @@ class VQADataModule(VLDataModule):
         skip_bad_records: bool = False,
         augment: bool = True,
         hflip: bool = True,
+        crop_scale: tuple[float, float] = TASK_CROP_SCALE,
         calibration_json: JsonArg = None,
         calibration_image_root: str | None = None,
         calibration_image_size: int = 224,
@@ -393,7 +407,7 @@ class VQADataModule(VLDataModule):
             image_root, tokenizer=tokenizer, image_size=image_size, batch_size=batch_size,
             eval_batch_size=eval_batch_size, num_workers=num_workers, max_length=max_length,
             skip_bad_records=skip_bad_records, augment=augment, hflip=hflip,
-            calibration_json=calibration_json, calibration_image_root=calibration_image_root,
+            crop_scale=crop_scale, calibration_json=calibration_json, calibration_image_root=calibration_image_root,
             calibration_image_size=calibration_image_size, calibration_batch_size=calibration_batch_size,
             calibration_max_length=calibration_max_length, seed=seed,
         )

@@ -18,6 +18,7 @@ log = logging.getLogger("mflightning.data")
 
 _PUNCTUATION = re.compile(r"[.!\"()*#:;~]")
 _SPACES = re.compile(r"\s+")
+_COCO_FILE = re.compile(r"^COCO_[A-Za-z]+\d*_(\d+)$")
 
 
 class DataRecordError(ValueError):
@@ -104,7 +105,7 @@ def parse_caption_record(record: Any) -> CaptionRecord:
 
 
 def parse_captions_record(record: Any) -> CaptionsRecord:
-    """`{"image": str, "caption": [str, ...][, "image_id": str|int]}`; image_id defaults to the file stem."""
+    """`{"image": str, "caption": [str, ...][, "image_id": str|int]}`; image_id defaults to image_id_from_path."""
     image = _image(record)
     captions = _field(record, "caption", list)
     if not captions:
@@ -116,8 +117,15 @@ def parse_captions_record(record: Any) -> CaptionsRecord:
             raise RecordProblem(f"empty caption (caption {j})")
     image_id = _field(record, "image_id", (str, int), required=False)
     if image_id is None:
-        image_id = os.path.splitext(os.path.basename(image))[0]
+        image_id = image_id_from_path(image)
     return CaptionsRecord(image, tuple(captions), str(image_id))
+
+
+def image_id_from_path(image: str) -> str:
+    """COCO's numeric id for "COCO_val2014_000000391895.jpg" ("391895"), else the file name without extension."""
+    stem = os.path.splitext(os.path.basename(image))[0]
+    match = _COCO_FILE.match(stem)
+    return str(int(match.group(1))) if match else stem
 
 
 def _answers(record: Any, required: bool) -> tuple[str, ...] | None:

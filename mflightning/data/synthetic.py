@@ -349,7 +349,8 @@ def generate_world(
     if not force and _read_manifest(world.manifest) == manifest and all(os.path.isfile(p) for p in files):
         return world
     os.makedirs(world.root, exist_ok=True)
-    if os.path.exists(world.manifest):  # a previous world of ours: drop it (manifest first, so a crash never looks complete)
+    if os.path.exists(world.manifest):
+        # A previous world of ours: drop it, manifest first, so a crash midway never looks complete.
         os.remove(world.manifest)
         shutil.rmtree(world.image_root, ignore_errors=True)
     os.makedirs(world.image_root, exist_ok=True)

@@ -241,3 +241,28 @@ def test_datamodule_drives_a_lightning_trainer(tiny_world, tmp_path):
     assert trainer.global_step == 2
     assert sorted(set(probe.val_images)) == [0, 1, 2]
     assert dm.hparams["train_json"] == tiny_world.retrieval_train and dm.hparams["batch_size"] == 4
+
+
+def test_transform_switches_reach_the_datasets(tiny_world):
+    from torchvision import transforms as T
+
+    dm = RetrievalDataModule(tiny_world.retrieval_train, **{**_common(tiny_world), "augment": True},
+                             crop_scale=(1.0, 1.0), calibration_json=tiny_world.calibration)
+    steps = dm.dataset("train").transform.transforms
+    assert [type(t) for t in steps] == [T.RandomResizedCrop, T.RandAugment, T.ToTensor, T.Normalize]
+    assert steps[0].scale == (1.0, 1.0) and steps[0].size == (SIZE, SIZE)
+    calibration_steps = dm.dataset("calibration").transform.transforms
+    assert calibration_steps[0].scale == (0.2, 1.0) and calibration_steps[0].size == (224, 224)
+    cal = CalibrationDataModule(tiny_world.calibration, tiny_world.image_root, tokenizer=tiny_world.vocab)
+    assert cal.dataset("calibration").transform.transforms[0].scale == (0.2, 1.0)
+    with pytest.raises(ValueError, match="crop_scale"):
+        RetrievalDataModule(tiny_world.retrieval_train, **_common(tiny_world), crop_scale=(0.0, 1.0))
+
+
+def test_a_ready_tokenizer_object_is_used_as_is(tiny_world):
+    from mflightning.data import build_tokenizer
+
+    tokenizer = build_tokenizer(tiny_world.vocab)
+    dm = CalibrationDataModule(tiny_world.calibration, tiny_world.image_root, tokenizer=tokenizer, image_size=SIZE,
+                               num_workers=0)
+    assert dm.tokenizer is tokenizer

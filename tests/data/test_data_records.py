@@ -138,3 +138,19 @@ def test_good_records_still_load(tmp_path, root, tiny_world):
     path = _write(tmp_path, [GOOD, {"image": "b.png", "caption": "a blue square"}])
     (batch,) = list(_calibration(path, root, tiny_world).calibration_dataloader())
     assert batch["image"].shape == (2, 3, 16, 16) and torch.isfinite(batch["image"]).all()
+
+
+def test_eval_image_id_defaults_to_coco_number_or_file_stem(tmp_path, root, tiny_world):
+    coco = root / "val2014"
+    coco.mkdir()
+    Image.new("RGB", (8, 8)).save(coco / "COCO_val2014_000000391895.jpg")
+    records = [{"image": "val2014/COCO_val2014_000000391895.jpg", "caption": ["a red square"]},
+               {"image": str(root / "b.png"), "caption": ["an absolute path"]},  # absolute paths are kept
+               {"image": "a.png", "caption": ["given id"], "image_id": 42}]
+    path = _write(tmp_path, records, "test.json")
+    from mflightning.data import CaptionDataModule
+
+    dm = CaptionDataModule(test_json=path, image_root=str(root), tokenizer=tiny_world.vocab, image_size=16,
+                           batch_size=4, num_workers=0)
+    (batch,) = list(dm.test_dataloader())
+    assert batch["image_id"] == ["391895", "b", "42"]

@@ -5,7 +5,14 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from mflightning.data import CLIP_MEAN, CLIP_STD, build_test_transform, build_tokenizer, build_train_transform, write_vocab
+from mflightning.data import (
+    CLIP_MEAN,
+    CLIP_STD,
+    build_test_transform,
+    build_tokenizer,
+    build_train_transform,
+    write_vocab,
+)
 
 
 @pytest.fixture
