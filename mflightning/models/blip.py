@@ -47,7 +47,9 @@ BLIP_GROUPS = {
 }
 BLIP_EXCLUDE = (
     _PREFIX + r"(vision_proj|text_proj|itm_head)\.",  # ITC / ITM heads
-    r"(^|\.)cls\.predictions\.",  # LM prediction head (its decoder is tied to the word embeddings)
+    r"(^|\.)cls\.predictions\.",  # LM prediction head
+    # ... whose decoder Linear is tied to the word embeddings, so its weight is named as the embedding
+    r"(^|\.)embeddings\.word_embeddings\.",
     _PREFIX + r"\w+_m\.",  # momentum encoders, should a subclass add them
 )
 # Decoder layer N's cross-attention and FFN take the mask of encoder layer N; its causal
