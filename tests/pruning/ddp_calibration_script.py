@@ -37,11 +37,11 @@ def main() -> None:
         callbacks=[callback],
     )
     trainer.fit(module, DataLoader(make_batches(6), batch_size=None))
-    assert callback.pruned_masks, "the callback pruned nothing"
-    zeros = all((p.detach()[callback.pruned_masks[n]] == 0).all() for n, p in module.named_parameters()
-                if n in callback.pruned_masks)
+    assert callback.kept_masks, "the callback pruned nothing"
+    zeros = all((p.detach()[~callback.kept_masks[n]] == 0).all() for n, p in module.named_parameters()
+                if n in callback.kept_masks)
     torch.save(
-        {"masks": callback.pruned_masks, "calibration_calls": module.calibration_calls, "zeros": bool(zeros)},
+        {"masks": callback.kept_masks, "calibration_calls": module.calibration_calls, "zeros": bool(zeros)},
         out / f"{kind}-{devices}-rank{trainer.global_rank}.pt",
     )
 

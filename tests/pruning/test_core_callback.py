@@ -29,9 +29,9 @@ def loader(n=8, seed=1):
 
 def assert_pruned_weights_are_zero(callback, module):
     params = dict(module.named_parameters())
-    assert callback.pruned_masks
-    for name, pruned in callback.pruned_masks.items():
-        assert (params[name].detach()[pruned] == 0).all(), name
+    assert callback.kept_masks
+    for name, kept in callback.kept_masks.items():
+        assert (params[name].detach()[~kept] == 0).all(), name
 
 
 def test_sparsity_survives_adamw_clipping_and_accumulation(tmp_path):
@@ -44,7 +44,7 @@ def test_sparsity_survives_adamw_clipping_and_accumulation(tmp_path):
     assert_pruned_weights_are_zero(callback, module)
     assert callback.measured_sparsity(module)["total"] == pytest.approx(0.75, abs=0.01)
     # training did happen: kept weights moved
-    kept = ~callback.pruned_masks["model.text.fc1.weight"]
+    kept = callback.kept_masks["model.text.fc1.weight"]
     assert not torch.equal(module.model.text.fc1.weight[kept], before["model.text.fc1.weight"][kept])
     assert module.calibration_calls == 4
 
@@ -58,7 +58,7 @@ class GradientProbe(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         params = dict(pl_module.named_parameters())
-        self.seen.append(max(params[n].grad[m].abs().max().item() for n, m in self.pruning.pruned_masks.items()))
+        self.seen.append(max(params[n].grad[~m].abs().max().item() for n, m in self.pruning.kept_masks.items()))
 
 
 def test_pruned_gradients_are_zero_before_clipping_and_the_step(tmp_path):
@@ -114,9 +114,9 @@ def test_resume_restores_masks_without_calibrating(tmp_path):
         resumed_module, loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
     )
     assert resumed_module.calibration_calls == 0
-    assert {n: m for n, m in second.pruned_masks.items()}.keys() == first.pruned_masks.keys()
-    for name, pruned in first.pruned_masks.items():
-        assert torch.equal(second.pruned_masks[name], pruned)
+    assert second.kept_masks.keys() == first.kept_masks.keys()
+    for name, kept in first.kept_masks.items():
+        assert torch.equal(second.kept_masks[name], kept)
     assert_pruned_weights_are_zero(second, resumed_module)
 
 
@@ -130,7 +130,7 @@ def test_a_mask_file_is_applied_without_calibration_and_logged(tmp_path):
     trainer(tmp_path, max_steps=4, callbacks=[callback], logger=logger).fit(module, loader())
     assert module.calibration_calls == 0
     assert_pruned_weights_are_zero(callback, module)
-    assert set(callback.pruned_masks) == {f"model.{n}" for n in result.masks}
+    assert set(callback.kept_masks) == {f"model.{n}" for n in result.masks}
     with open(logger.log_dir + "/metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     logged = {k: float(v) for row in rows for k, v in row.items() if k.startswith("pruning/") and v}
@@ -173,7 +173,7 @@ def test_bf16_mixed_precision_calibrates_in_fp32_and_stays_sparse(tmp_path):
     reference = prune(ToyModule(), sparsity=0.6, calibration=make_batches(3),
                       forward=lambda m, b: m.calibration_step(b), **COMMON)
     agreement = torch.cat([
-        (callback.pruned_masks[n] == ~reference.masks[n]).flatten() for n in reference.masks
+        (callback.kept_masks[n] == reference.masks[n]).flatten() for n in reference.masks
     ]).float().mean()
     assert agreement > 0.97
 
