@@ -1,0 +1,41 @@
+"""Evaluate the three tiny tasks on 1 or 2 CPU processes and print their metrics as JSON (rank 0).
+
+Run as a script (DDP re-executes this command per rank): python ddp_eval_script.py DEVICES WORKDIR
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import lightning.pytorch as pl  # noqa: E402
+
+from blip_task_fixtures import (ANSWERS, TINY_BACKBONE, caption_loaders, make_tokenizer,  # noqa: E402
+                                retrieval_loaders, trainer_kwargs, vqa_loaders)
+from mflightning.tasks import CaptioningModule, RetrievalModule, VQAModule  # noqa: E402
+
+
+def main(devices: int, workdir: str) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer = make_tokenizer(workdir)
+    out = {}
+    # 5 images / 10 questions: with 2 processes the sampler pads (an image seen twice).
+    tasks = [
+        ("retrieval", RetrievalModule, {"k_test": 4}, retrieval_loaders(tokenizer, n_images=5, eval_batch_size=1)[1]),
+        ("captioning", CaptioningModule, {"max_length": 9}, caption_loaders(tokenizer, n_images=5, batch_size=1)[1]),
+        ("vqa", VQAModule, {"answer_list": ANSWERS, "k_test": 4}, vqa_loaders(tokenizer, n_images=5, batch_size=1)[1]),
+    ]
+    for name, cls, extra, loader in tasks:
+        pl.seed_everything(0)
+        module = cls(backbone=TINY_BACKBONE, tokenizer=tokenizer, output_dir=os.path.join(workdir, f"{devices}"), **extra)
+        trainer = pl.Trainer(**trainer_kwargs(workdir, devices=devices, strategy="ddp" if devices > 1 else "auto"))
+        trainer.validate(module, loader)
+        out[name] = module.eval_results["val"]
+        if name != "retrieval":
+            out[name + "_file"] = json.loads(module.results_paths["val"].read_text()) if trainer.is_global_zero else None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print("RESULT:" + json.dumps(out, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2])
