@@ -125,6 +125,7 @@ def time_training(shape_name: str, batch_size: int, steps: int, warmup: int, mod
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     )
     trainer.fit(module, DataLoader(batches, batch_size=None))
+    checkpoint_bytes = _checkpoint_size(trainer)
     prunable = sum(t.param.numel() for t in find_targets(module, resolve_modalities(module, BLIP_GROUPS, HEADS)).values()) \
         if mode != "modelpruning" else None
     if mode == "multiflow":
@@ -141,7 +142,18 @@ def time_training(shape_name: str, batch_size: int, steps: int, warmup: int, mod
         "extra_bytes": extra,
         "extra_bytes_per_prunable_weight": extra / prunable if prunable else 0.0,
         "prunable_weights": prunable,
+        "checkpoint_bytes": checkpoint_bytes,
     }
+
+
+def _checkpoint_size(trainer: L.Trainer) -> int:
+    """Size of a full Lightning checkpoint (weights, optimizer state, callback state) of this run."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "run.ckpt"
+        trainer.save_checkpoint(path)
+        return path.stat().st_size
 
 
 def calibration_figures(shape_name: str, batch_size: int, num_batches: int, repeats: int, sparsity: float) -> dict:
@@ -240,6 +252,8 @@ def markdown(report: dict) -> str:
         f"{t['modelpruning']['median_step_s']:.3f} |",
         f"| extra memory per prunable weight (bytes) | {t['multiflow']['extra_bytes_per_prunable_weight']:.2f} | "
         f"{t['modelpruning']['extra_bytes_per_prunable_weight']:.2f} |",
+        f"| checkpoint size / dense checkpoint | {t['multiflow']['checkpoint_bytes'] / t['dense']['checkpoint_bytes']:.3f} | "
+        f"{t['modelpruning']['checkpoint_bytes'] / t['dense']['checkpoint_bytes']:.3f} |",
     ]
     return "\n".join(rows)
 
