@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from .pruning import PruningResult, check_method, check_sparsity, prune
@@ -184,6 +184,11 @@ class MultiFlowCallback(Callback):
             source = "checkpoint"
         elif self.masks is not None:
             self.result = self.masks if isinstance(self.masks, PruningResult) else PruningResult.load(self.masks)
+            if self.sparsity is not None and abs(self.sparsity - self.result.target_sparsity) > 1e-9:
+                rank_zero_warn(
+                    f"[mflightning] masks= given: applying their sparsity {self.result.target_sparsity} "
+                    f"({self.result.method}), not sparsity={self.sparsity}"
+                )
             masks = self.result.masks_for(pl_module)
             self._groups = _groups_for(self.result, masks)
             source = f"mask file {self.masks}" if not isinstance(self.masks, PruningResult) else "given result"

@@ -105,14 +105,17 @@ def prune(
     group_spec = resolve_modalities(model, modalities, exclude)
     targets = find_targets(model, group_spec)
     groups = {name: t.group for name, t in targets.items()}
-    preset = modalities if isinstance(modalities, str) else getattr(model, "pruning_preset", None)
-    if modalities is not None and not isinstance(modalities, str):
-        preset = None
+    # the preset travels with the masks so a task module can apply its `inherit` rules later
+    preset = modalities if isinstance(modalities, str) else None
+    if modalities is None:
+        preset = getattr(model, "pruning_preset", None)
     if spec.needs is not None and calibration is None:
         raise ValueError(f"method {method!r} is data-driven and needs calibration batches (calibration=None)")
     if spec.needs == "gradients" and loss is None:
         raise ValueError(f"method {method!r} needs `loss(model, batch) -> scalar tensor`")
-    magnitudes = {name: S.magnitude_scores(t.param) for name, t in targets.items()}
+    # |W| drives the layer ratios of the pooled allocations and is OMP's score; other runs skip the copy
+    needs_magnitudes = allocation in ("modality", "magnitude") or method == "omp" or keep_scores
+    magnitudes = {name: S.magnitude_scores(t.param) for name, t in targets.items()} if needs_magnitudes else None
     info: dict[str, Any] = {}
 
     if spec.needs == "activations":
@@ -152,7 +155,7 @@ def prune(
     elif method == "lamp":
         scores = {name: S.lamp_scores(t.param) for name, t in targets.items()}
     else:  # omp
-        scores = dict(magnitudes)
+        scores = dict(magnitudes)  # type: ignore[arg-type]
 
     if invert:
         scores = {name: -s for name, s in scores.items()}
@@ -168,7 +171,7 @@ def prune(
         preset=preset,
         calibration=info,
         scores=cpu(scores) if keep_scores else None,
-        magnitudes=cpu(magnitudes) if keep_scores else None,
+        magnitudes=cpu(magnitudes) if keep_scores and magnitudes is not None else None,
     )
 
 
@@ -192,7 +195,7 @@ def _iterative_snip(
     sparsity: float,
     allocation: str,
     groups: dict[str, str],
-    magnitudes: dict[str, Tensor],
+    magnitudes: dict[str, Tensor] | None,
     *,
     rounds: int,
     num_batches: int | None,
