@@ -194,6 +194,9 @@ class XVLMTaskModule(pl.LightningModule):
     """
 
     pruning_preset = PRESET_NAME
+    # Backbone parts (parameter name prefixes) this task never runs: frozen, so that plain DDP (which
+    # requires every trainable parameter to get a gradient) works and the optimiser skips them.
+    unused_parts: tuple[str, ...] = ()
 
     def __init__(self, backbone: Any = None, tokenizer: Any = "bert-base-uncased", lr: float = 3e-5,
                  weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.98), warmup_ratio: float = 0.1,
@@ -206,6 +209,7 @@ class XVLMTaskModule(pl.LightningModule):
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         self.tokenizer = load_tokenizer(tokenizer)
         self.backbone = build_xvlm_backbone(backbone, self.tokenizer)
+        self.freeze_unused_parts()
         self.lr = lr
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
@@ -213,6 +217,12 @@ class XVLMTaskModule(pl.LightningModule):
         self.output_dir = output_dir
         self.eval_results: dict[str, dict[str, float]] = {}
         self.results_paths: dict[str, Any] = {}
+
+    def freeze_unused_parts(self) -> None:
+        """Set ``requires_grad=False`` on the backbone parameters under ``unused_parts``."""
+        for name, param in self.backbone.named_parameters():
+            if any(name == part or name.startswith(part + ".") for part in self.unused_parts):
+                param.requires_grad_(False)
 
     # Results files and logged metrics: the BLIP modules' (same names, rank-0 files, sync'd logs).
     results_dir = BlipTaskModule.results_dir
@@ -297,6 +307,8 @@ class XVLMRetrievalModule(XVLMTaskModule):
     negatives. Evaluation: ITC similarities of all pairs; each query's top ``k_test`` re-scored by
     the ITM logit alone; text/image R@1/5/10 logged as ``val/txt_r1`` ... ``test/r_mean``.
     """
+
+    unused_parts = ("bbox_head", "text_encoder.cls.predictions.transform", "text_encoder.cls.predictions.bias")
 
     def __init__(self, *args: Any, k_test: int = 256, itm_batch_size: int = 128, **kwargs: Any):
         kwargs.setdefault("lr", 3e-5)
@@ -385,6 +397,8 @@ class XVLMCaptioningModule(XVLMTaskModule):
     ``val/bleu4``, ``val/cider`` ..., COCO results JSON ``[{"image_id", "caption"}]``.
     """
 
+    unused_parts = ("vision_proj", "text_proj", "itm_head", "bbox_head", "temp")
+
     def __init__(self, *args: Any, prompt: str = "a picture of ", label_smoothing: float = 0.1, num_beams: int = 3,
                  min_length: int = 5, max_length: int = 20, **kwargs: Any):
         kwargs.setdefault("lr", 1e-5)
@@ -437,6 +451,7 @@ class XVLMVQAModule(XVLMTaskModule):
     ``answer_list``: JSON path or list; None uses the datamodule's ``answer_list`` attribute.
     """
 
+    unused_parts = ("vision_proj", "text_proj", "itm_head", "bbox_head", "temp", "text_encoder.cls.predictions.transform", "text_encoder.cls.predictions.bias")
     training_step = VQAModule.training_step
     _answers = VQAModule._answers
     rank_answers = VQAModule.rank_answers

@@ -36,13 +36,25 @@ def pretrained(tmp_path_factory, tokenizer):
                            masks=str(result.save(directory / "xvlm_masks.safetensors")), result=result)
 
 
+class GradientCoverage(pl.Callback):
+    """Trainable parameters left without a gradient (plain DDP would fail on them)."""
+
+    def __init__(self):
+        self.missing = set()
+
+    def on_after_backward(self, trainer, pl_module):
+        self.missing |= {n for n, p in pl_module.named_parameters() if p.requires_grad and p.grad is None}
+
+
 def fit_with_masks(module, pretrained, tmp_path, train, val=None, **overrides):
-    callback = mflightning.MultiFlowCallback(masks=pretrained.masks)
-    options = dict(callbacks=[callback], precision="bf16-mixed")
+    callback, coverage = mflightning.MultiFlowCallback(masks=pretrained.masks), GradientCoverage()
+    options = dict(callbacks=[callback, coverage], precision="bf16-mixed")
     if val is None:
         options["limit_val_batches"] = 0
     options.update(overrides)
     pl.Trainer(**trainer_kwargs(tmp_path, **options)).fit(module, train, val)
+    assert not coverage.missing, f"{type(module).__name__}: no gradient for {sorted(coverage.missing)[:5]}"
+    assert not any(p.requires_grad for n, p in module.backbone.named_parameters() if n.startswith("bbox_head."))
     return callback
 
 
@@ -201,7 +213,10 @@ def test_optimizer_groups_and_linear_warmup_schedule(tokenizer, pretrained):
     assert id(named["backbone.fusion_encoder.layer.2.output.LayerNorm.weight"]) in no_decay_ids
     assert id(named["backbone.vision_encoder.blocks.0.attn.qkv.bias"]) in no_decay_ids
     assert id(named["backbone.vision_encoder.blocks.0.attn.qkv.weight"]) not in no_decay_ids
-    assert len(decay["params"]) + len(no_decay["params"]) == len(named)
+    trainable = {n for n, p in named.items() if p.requires_grad}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)
+    assert set(named) - trainable == {n for n in named if n.startswith(("backbone.bbox_head.",
+                                                                          "backbone.text_encoder.cls."))}
     factor = linear_warmup_lambda(50, 5)
     assert [factor(s) for s in (0, 4, 5, 30, 50)] == pytest.approx([0.2, 1.0, 1.0, 20 / 45, 0.0])
     assert optimizer.param_groups[0]["lr"] == pytest.approx(3e-5 * 0.2)  # warmup is 10% of 50 steps
