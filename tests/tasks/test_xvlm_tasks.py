@@ -225,6 +225,18 @@ def test_optimizer_groups_and_linear_warmup_schedule(tokenizer, pretrained):
     assert optimizer.param_groups[0]["lr"] == pytest.approx(3e-5 * 0.4)
 
 
+def test_backbone_spec_is_checked_against_the_tokenizer(tmp_path, tokenizer, pretrained):
+    small = tiny_config(len(tokenizer) - 1).to_dict()
+    with pytest.raises(ValueError, match=f"tokenizer has {len(tokenizer)} tokens but the backbone's vocabulary is"):
+        XVLMRetrievalModule(backbone=small, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=r"\[PAD\] id 0 differs from the backbone's pad_token_id 1"):
+        XVLMRetrievalModule(backbone={**tiny_config(len(tokenizer)).to_dict(), "pad_token_id": 1}, tokenizer=tokenizer)
+    with pytest.raises(FileNotFoundError, match="nothing_here"):
+        XVLMVQAModule(backbone=str(tmp_path / "nothing_here"), tokenizer=tokenizer, answer_list=ANSWERS)
+    with pytest.raises(ValueError, match="backbone is required"):
+        XVLMCaptioningModule(tokenizer=tokenizer)
+
+
 def table_step(table, eos):
     """Next-token logits from a table prefix -> {token: probability}; unlisted prefixes end (eos)."""
 
