@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -207,8 +208,19 @@ def calibration_figures(shape_name: str, batch_size: int, num_batches: int, repe
     }
 
 
+def _isolated(fn: Callable[..., dict], args: tuple) -> dict:
+    """Run one measurement in a fresh process: a base-size model, its optimizer state and the
+    allocator's high-water mark are all returned to the OS before the next configuration starts."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
 def run(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the isolated worker processes
     report: dict[str, Any] = {
         "benchmark": "core",
         "shape": args.shape,
@@ -218,12 +230,14 @@ def run(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "lightning": L.__version__,
     }
-    report["calibration"] = calibration_figures(args.shape, args.batch_size, args.calib_batches, args.repeats, args.sparsity)
+    job = (args.shape, args.batch_size, args.calib_batches, args.repeats, args.sparsity)
+    report["calibration"] = _isolated(calibration_figures, job) if args.isolate else calibration_figures(*job)
     modes = ("dense", "multiflow", "modelpruning")
     runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     for _ in range(args.rounds):  # interleaved rounds, so background load hits every mode alike
         for mode in modes:
-            runs[mode].append(time_training(args.shape, args.batch_size, args.steps, args.warmup, mode, args.sparsity))
+            job = (args.shape, args.batch_size, args.steps, args.warmup, mode, args.sparsity)
+            runs[mode].append(_isolated(time_training, job) if args.isolate else time_training(*job))
     training: dict[str, Any] = {}
     for mode in modes:
         training[mode] = dict(runs[mode][-1])
@@ -268,6 +282,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the three training runs")
     parser.add_argument("--sparsity", type=float, default=0.75)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
+                        help="run every configuration in this process (faster start, memory accumulates)")
     parser.add_argument("--output", type=Path, default=Path("outputs/bench/core.json"))
 
 

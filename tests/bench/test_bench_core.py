@@ -7,7 +7,7 @@ from mflightning.bench.__main__ import main
 def test_core_benchmark_tiny(tmp_path):
     out = tmp_path / "core.json"
     main(["core", "--shape", "tiny", "--steps", "2", "--warmup", "1", "--repeats", "1", "--rounds", "1",
-          "--calib-batches", "2", "--batch-size", "2", "--output", str(out)])
+          "--calib-batches", "2", "--batch-size", "2", "--no-isolate", "--output", str(out)])
     report = json.loads(out.read_text())
     calibration, training = report["calibration"], report["training"]
     assert calibration["prunable_weights"] > 0 and calibration["calibration_over_forward"] > 0
