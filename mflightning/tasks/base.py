@@ -85,6 +85,9 @@ class BlipTaskModule(pl.LightningModule):
     """
 
     pruning_preset = PRESET_NAME
+    # Backbone parts (parameter-name prefixes) this task never runs in training: frozen, so plain
+    # DDP finds no parameter without a gradient and the optimizer holds no state for them.
+    unused_parts: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -105,6 +108,7 @@ class BlipTaskModule(pl.LightningModule):
         self.save_hyperparameters(ignore=ignore)
         self.tokenizer = load_tokenizer(tokenizer)
         self.backbone = build_backbone(backbone, self.tokenizer, decoder_from)
+        self.freeze_unused_parts()
         self.lr = lr
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
@@ -114,6 +118,12 @@ class BlipTaskModule(pl.LightningModule):
         self.output_dir = output_dir
         self.eval_results: dict[str, dict[str, float]] = {}
         self.results_paths: dict[str, Path] = {}
+
+    def freeze_unused_parts(self) -> None:
+        """Set ``requires_grad=False`` on the backbone parameters under ``unused_parts``."""
+        for name, param in self.backbone.named_parameters():
+            if any(name == part or name.startswith(part + ".") for part in self.unused_parts):
+                param.requires_grad_(False)
 
     # ----------------------------------------------------------------- token ids
     @property

@@ -28,6 +28,8 @@ class CaptioningModule(BlipTaskModule):
     ``val/cider`` ...) and written as a COCO results JSON ``[{"image_id", "caption"}]``.
     """
 
+    unused_parts = ("text_encoder", "vision_proj", "text_proj", "itm_head", "temp")
+
     def __init__(
         self, *args: Any, prompt: str = "a picture of ", label_smoothing: float = 0.1, num_beams: int = 3,
         min_length: int = 5, max_length: int = 20, repetition_penalty: float = 1.0, **kwargs: Any,

@@ -89,6 +89,8 @@ class RetrievalModule(BlipTaskModule):
     gathered across processes and deduplicated by ``image_idx`` / ``text_idx``.
     """
 
+    unused_parts = ("text_decoder",)
+
     def __init__(self, *args: Any, k_test: int = 256, itm_batch_size: int = 128, **kwargs: Any):
         kwargs.setdefault("lr", 1e-5)
         kwargs.setdefault("weight_decay", 0.05)

@@ -51,6 +51,8 @@ class VQAModule(BlipTaskModule):
     ``answer_list``: JSON path or list; None uses the datamodule's ``answer_list`` attribute.
     """
 
+    unused_parts = ("vision_proj", "text_proj", "itm_head", "temp")
+
     def __init__(
         self, *args: Any, answer_list: str | list[str] | None = None, k_test: int = 128,
         label_smoothing: float = 0.1, rank_batch_size: int = 1024, **kwargs: Any,

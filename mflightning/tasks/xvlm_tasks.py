@@ -218,11 +218,7 @@ class XVLMTaskModule(pl.LightningModule):
         self.eval_results: dict[str, dict[str, float]] = {}
         self.results_paths: dict[str, Any] = {}
 
-    def freeze_unused_parts(self) -> None:
-        """Set ``requires_grad=False`` on the backbone parameters under ``unused_parts``."""
-        for name, param in self.backbone.named_parameters():
-            if any(name == part or name.startswith(part + ".") for part in self.unused_parts):
-                param.requires_grad_(False)
+    freeze_unused_parts = BlipTaskModule.freeze_unused_parts
 
     # Results files and logged metrics: the BLIP modules' (same names, rank-0 files, sync'd logs).
     results_dir = BlipTaskModule.results_dir
