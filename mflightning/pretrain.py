@@ -1,0 +1,227 @@
+"""Pretrain a small BLIP-style backbone on the synthetic world's caption split (ITC + ITM + LM), cached on disk.
+
+The demo needs a pretrained model to prune, and no checkpoint can be downloaded: this module
+trains one from scratch on the world's generic (calibration) image-caption split, with BLIP's
+three pretraining losses and BLIP's pretraining layout (decoder cross-attention and FFN shared
+with the encoder). The result is written with `BlipBackbone.save_pretrained` into a folder named
+by a hash of the world manifest and the configuration, so a second run loads it instead.
+
+Run it alone with `python -m mflightning.pretrain --world outputs/cache/world`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import lightning as L
+import torch
+
+from mflightning.models.blip import BlipBackbone, shifted_lm_loss, with_first_token
+from mflightning.tasks.base import BlipTaskModule, _require, itc_itm_losses
+
+CACHE_VERSION = 1
+DONE_FILE = "pretrain.json"
+
+# A small BLIP: 2-layer ViT on 64 px images with 8 px patches (64 tokens), 2-layer text transformer.
+SMALL_BACKBONE: dict[str, Any] = {
+    "text_config": {
+        "hidden_size": 128, "encoder_hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "max_position_embeddings": 40,
+    },
+    "vision_config": {
+        "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "image_size": 64, "patch_size": 8, "initializer_range": 0.02,
+    },
+    "image_text_hidden_size": 64,
+}
+
+
+class PretrainModule(BlipTaskModule):
+    """BLIP pretraining on image-caption batches: ITC + ITM (hard negatives) + LM (label smoothing 0.1).
+
+    Holds ``self.backbone`` (decoder cross-attention/FFN tied to the encoder when ``tie_decoder``,
+    as in BLIP pretraining), so it also serves as the model of a pruning recipe: its
+    ``calibration_step`` runs every prunable layer and ``pruning_loss`` is the same ITC+ITM+LM
+    loss (used by SNIP / IterSNIP). Arguments as ``BlipTaskModule`` plus ``tie_decoder``.
+    """
+
+    def __init__(self, *args: Any, tie_decoder: bool = True, **kwargs: Any):
+        kwargs.setdefault("lr", 3e-4)
+        kwargs.setdefault("weight_decay", 0.05)
+        super().__init__(*args, **kwargs)
+        self.tie_decoder = tie_decoder
+        if tie_decoder:
+            self.backbone.tie_decoder_()
+
+    def losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The three pretraining losses of one image-caption batch."""
+        _require(batch, ("image", "input_ids", "attention_mask"), "pretraining batch")
+        image_embeds = self.backbone.encode_image(batch["image"])
+        image_idx = batch.get("image_idx")
+        if image_idx is None:
+            image_idx = torch.arange(batch["image"].size(0), device=batch["image"].device)
+        itc, itm = itc_itm_losses(self.backbone, image_embeds, batch["input_ids"], batch["attention_mask"], image_idx)
+        dec_ids = with_first_token(batch["input_ids"], self.dec_token_id)
+        labels = dec_ids.masked_fill(batch["attention_mask"] == 0, -100)
+        logits = self.backbone.decode(dec_ids, batch["attention_mask"], image_embeds)
+        lm = shifted_lm_loss(logits, labels, label_smoothing=0.1)
+        return {"itc": itc, "itm": itm, "lm": lm}
+
+    def pruning_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """ITC + ITM + LM on a calibration batch (the SNIP / IterSNIP objective)."""
+        return sum(self.losses(batch).values())  # type: ignore[return-value]
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        parts = self.losses(batch)
+        loss = parts["itc"] + parts["itm"] + parts["lm"]
+        self.log_dict({f"train/loss_{k}": v for k, v in parts.items()}, batch_size=batch["image"].size(0))
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].size(0))
+        return loss
+
+
+@dataclass
+class PretrainConfig:
+    """What the pretrained model depends on (all of it goes into the cache key)."""
+
+    backbone: dict = field(default_factory=lambda: copy.deepcopy(SMALL_BACKBONE))
+    epochs: int = 6
+    batch_size: int = 48
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    max_length: int = 30
+    augment: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PretrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"PretrainConfig.lr must be positive, got {self.lr}")
+
+    @property
+    def image_size(self) -> int:
+        return int(self.backbone["vision_config"]["image_size"])
+
+
+def cache_key(manifest: Mapping[str, Any], config: PretrainConfig) -> str:
+    """Hash of the world manifest, the pretraining config and the cache format."""
+    material = {"cache_version": CACHE_VERSION, "world": dict(manifest), "config": asdict(config)}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_manifest(world_root: str | os.PathLike) -> dict:
+    """The world's world.json (what makes two worlds the same), with a clear error when missing."""
+    path = Path(world_root) / "world.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: generate the world first (mflightning.data.generate_world)")
+    return json.loads(path.read_text())
+
+
+def cached_model_dir(world_root: str | os.PathLike, cache_dir: str | os.PathLike, config: PretrainConfig) -> Path:
+    """Where the model pretrained with `config` on this world is (or will be) stored."""
+    return Path(cache_dir) / f"pretrained-{cache_key(read_manifest(world_root), config)}"
+
+
+def pretrain(
+    world_root: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    config: PretrainConfig | None = None,
+    progress: bool = True,
+    num_workers: int = 0,
+    force: bool = False,
+) -> Path:
+    """Pretrain on the world's calibration split (or reuse the cached model); returns the model folder.
+
+    The folder holds the backbone (``config.json``, ``model.safetensors``), the tokenizer's
+    ``vocab.txt`` and ``pretrain.json`` (cache key material, loss history, seconds taken).
+    """
+    from mflightning.data import CalibrationDataModule
+
+    config = config or PretrainConfig()
+    world_root = Path(world_root)
+    manifest = read_manifest(world_root)
+    target = cached_model_dir(world_root, cache_dir, config)
+    if (target / DONE_FILE).is_file() and not force:
+        return target
+    vocab = world_root / "vocab.txt"
+    started = time.perf_counter()
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    data = CalibrationDataModule(
+        calibration_json=str(world_root / "calibration.json"), image_root=str(world_root / "images"),
+        tokenizer=str(vocab), image_size=config.image_size, batch_size=config.batch_size,
+        num_workers=num_workers, max_length=config.max_length, augment=config.augment, hflip=False,
+        seed=config.seed,
+    )
+    module = PretrainModule(backbone=copy.deepcopy(config.backbone), tokenizer=str(vocab), lr=config.lr,
+                            weight_decay=config.weight_decay, warmup_steps=config.warmup_steps)
+    history = LossHistory()
+    trainer = L.Trainer(
+        accelerator="auto", devices=1, max_epochs=config.epochs, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=progress, callbacks=[history], log_every_n_steps=10,
+        default_root_dir=str(Path(cache_dir) / "lightning"),
+    )
+    trainer.fit(module, datamodule=data)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    module.backbone.save_pretrained(partial)
+    shutil.copyfile(vocab, partial / "vocab.txt")
+    record = {
+        "cache_version": CACHE_VERSION, "world": manifest, "config": asdict(config),
+        "seconds": round(time.perf_counter() - started, 1), "epoch_losses": history.epoch_losses,
+    }
+    (partial / DONE_FILE).write_text(json.dumps(record, indent=1))
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
+
+
+class LossHistory(L.Callback):
+    """Mean training loss of every epoch (kept in pretrain.json to show pretraining converged)."""
+
+    def __init__(self) -> None:
+        self.epoch_losses: list[float] = []
+        self._sum = 0.0
+        self._count = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
+        self._sum += float(loss)
+        self._count += 1
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._count:
+            self.epoch_losses.append(round(self._sum / self._count, 4))
+        self._sum, self._count = 0.0, 0
+
+
+def load_pretrained(model_dir: str | os.PathLike) -> tuple[BlipBackbone, str]:
+    """The cached backbone and the path of its vocab.txt."""
+    model_dir = Path(model_dir)
+    if not (model_dir / DONE_FILE).is_file():
+        raise FileNotFoundError(f"{model_dir} holds no finished pretrained model ({DONE_FILE} missing)")
+    return BlipBackbone.from_pretrained(str(model_dir)), str(model_dir / "vocab.txt")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m mflightning.pretrain --world DIR [--cache-dir DIR] [--epochs N]`: print the model folder."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", required=True, help="root of a world written by generate_world")
+    parser.add_argument("--cache-dir", default="outputs/cache")
+    parser.add_argument("--epochs", type=int, default=PretrainConfig.epochs)
+    parser.add_argument("--force", action="store_true", help="retrain even when a cached model exists")
+    args = parser.parse_args(argv)
+    print(pretrain(args.world, args.cache_dir, PretrainConfig(epochs=args.epochs), force=args.force))
+
+
+if __name__ == "__main__":
+    main()
