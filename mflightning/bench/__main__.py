@@ -7,6 +7,7 @@ import sys
 
 BENCHMARKS = {
     "core": "mflightning.bench.core",
+    "cost": "mflightning.bench.cost",
 }
 
 

@@ -25,12 +25,15 @@ class Shape:
     patch: int
     text_len: int = 30
     vocab: int = 30524
+    mlp_ratio: float = 4.0
 
 
 SHAPES = {
     "base": Shape(hidden=768, layers=12, heads=12, image_size=224, patch=16),
     "small": Shape(hidden=256, layers=4, heads=4, image_size=96, patch=16, vocab=4000),
     "tiny": Shape(hidden=32, layers=1, heads=2, image_size=32, patch=16, text_len=8, vocab=100),
+    # the encoder pair of the demo's small BLIP (mflightning.pretrain.SMALL_BACKBONE)
+    "demo": Shape(hidden=128, layers=2, heads=4, image_size=64, patch=8, text_len=30, vocab=300, mlp_ratio=3.0),
 }
 
 
@@ -45,14 +48,14 @@ class BlipShaped(nn.Module):
 
         self.vision = BlipVisionModel(
             BlipVisionConfig(
-                hidden_size=shape.hidden, intermediate_size=4 * shape.hidden, num_hidden_layers=shape.layers,
+                hidden_size=shape.hidden, intermediate_size=int(shape.mlp_ratio * shape.hidden), num_hidden_layers=shape.layers,
                 num_attention_heads=shape.heads, image_size=shape.image_size, patch_size=shape.patch,
             )
         )
         self.text = BlipTextModel(
             BlipTextConfig(
                 vocab_size=shape.vocab, hidden_size=shape.hidden, encoder_hidden_size=shape.hidden,
-                intermediate_size=4 * shape.hidden, num_hidden_layers=shape.layers,
+                intermediate_size=int(shape.mlp_ratio * shape.hidden), num_hidden_layers=shape.layers,
                 num_attention_heads=shape.heads, max_position_embeddings=64,
             ),
             add_pooling_layer=False,

@@ -18,3 +18,13 @@ def test_core_benchmark_tiny(tmp_path):
     assert training["multiflow"]["extra_bytes_per_prunable_weight"] == 1.0
     assert training["modelpruning"]["extra_bytes_per_prunable_weight"] >= 4.0
     assert "training step / dense step" in out.with_suffix(".md").read_text()
+
+
+def test_cost_benchmark_puts_two_sizes_side_by_side(tmp_path):
+    out = tmp_path / "cost.json"
+    main(["cost", "--shapes", "tiny", "tiny", "--steps", "1", "--warmup", "1", "--repeats", "1", "--rounds", "1",
+          "--calib-batches", "1", "--batch-size", "2", "--no-isolate", "--output", str(out)])
+    report = json.loads(out.read_text())
+    assert list(report["shapes"]) == ["tiny"]  # the same size twice is measured once
+    table = out.with_suffix(".md").read_text()
+    assert "tiny: MultiFlowCallback" in table and "checkpoint size (MB)" in table
