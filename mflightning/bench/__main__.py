@@ -7,6 +7,7 @@ import sys
 
 BENCHMARKS = {
     "core": "mflightning.bench.core",
+    "quality": "mflightning.bench.quality",
     "cost": "mflightning.bench.cost",
 }
 

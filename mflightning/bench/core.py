@@ -287,12 +287,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, default=Path("outputs/bench/core.json"))
 
 
+def write_report(report: dict, table: str, output: Path) -> None:
+    """The JSON next to its markdown table (same name, .md), and the table on stdout."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+    output.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"\nwritten: {output} and {output.with_suffix('.md')}")
+
+
 def main(args: argparse.Namespace) -> dict:
     report = run(args)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    args.output.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"\nwritten: {args.output} and {args.output.with_suffix('.md')}")
+    write_report(report, markdown(report), args.output)
     return report

@@ -7,7 +7,6 @@ per prunable weight, checkpoint size), medians over interleaved repeated runs, r
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +71,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     report = run(args)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    args.output.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"\nwritten: {args.output} and {args.output.with_suffix('.md')}")
+    core.write_report(report, markdown(report), args.output)
     return report
