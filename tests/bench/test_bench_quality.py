@@ -1,0 +1,61 @@
+"""The quality benchmark runs end to end in tiny mode, writes well-formed output and resumes (no timing asserted)."""
+import json
+
+import pytest
+
+from mflightning.bench.__main__ import main
+from mflightning.bench.quality import METRICS, QualitySettings, markdown_tables, summarise
+
+
+def test_quality_benchmark_tiny_writes_runs_tables_and_plots(tmp_path, capsys):
+    out, cache = tmp_path / "quality", tmp_path / "cache"
+    main(["quality", "--tiny", "--out", str(out), "--cache-dir", str(cache), "--threads", "1"])
+    report = json.loads((out / "quality.json").read_text())
+    assert set(report) >= {"settings", "runs", "summary", "wall_seconds"}
+    runs = report["runs"]
+    # tiny grid: blip x (dense + multiflow@75%) x 3 tasks x 1 seed
+    assert sorted((r["task"], r["method"], r["sparsity"]) for r in runs) == sorted(
+        (t, m, s) for t in ("retrieval", "captioning", "vqa") for m, s in (("dense", None), ("multiflow", 0.75)))
+    for r in runs:
+        assert set(r["metrics"]) >= {key for key, _ in METRICS[r["task"]]}, r
+        if r["method"] == "multiflow":
+            assert abs(r["realised_sparsity"]["total"] - 0.75) < 0.01  # kept sparse through fine-tuning
+        else:
+            assert r["realised_sparsity"] == {}
+    assert (out / "masks" / "blip" / "multiflow@0.75.safetensors").is_file()
+    table = (out / "quality.md").read_text()
+    for heading in ("Image-text retrieval: BLIP", "Image captioning: BLIP", "VQA: BLIP"):
+        assert f"### {heading}" in table
+    assert "| Method | TR@1 75% | TR@5 75% | IR@1 75% | IR@5 75% |" in table
+    assert "| Method | BLEU@4 75% | CIDEr 75% |" in table
+    assert table.count("| Dense |") == 3 and table.count("| MultiFlow |") == 3
+    for task in ("retrieval", "captioning", "vqa"):
+        png = out / f"quality_{task}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "6/6 blip vqa multiflow@0.75-s0" in capsys.readouterr().out
+
+    # Resume: every run is read back, nothing is fine-tuned again.
+    main(["quality", "--tiny", "--out", str(out), "--cache-dir", str(cache), "--threads", "1"])
+    assert capsys.readouterr().out.count(": cached") == 6
+    assert json.loads((out / "quality.json").read_text())["runs"] == runs
+
+
+def test_tables_show_mean_std_and_mark_best_pruned():
+    settings = QualitySettings(models=("xvlm",), methods=("dense", "omp", "multiflow"), sparsities=(0.5,),
+                               seeds=(0, 1), tasks=("vqa",))
+    runs = [{"model": "xvlm", "task": "vqa", "method": m, "sparsity": sp, "seed": seed,
+             "metrics": {"vqa_acc": value}, "realised_sparsity": {}}
+            for m, sp, values in (("dense", None, (80.0, 82.0)), ("omp", 0.5, (50.0, 52.0)),
+                                  ("multiflow", 0.5, (60.0, 64.0)))
+            for seed, value in zip((0, 1), values)]
+    table = markdown_tables(summarise(runs), settings)
+    assert "| Dense | 81.00±1.41 |" in table  # dense is not ranked among pruned methods
+    assert "| MultiFlow | **62.00±2.83** |" in table
+    assert "| OMP | <u>51.00±1.41</u> |" in table
+
+
+def test_bad_grid_values_are_named():
+    with pytest.raises(ValueError, match="methods"):
+        QualitySettings(methods=("multiflow", "chita"))
+    with pytest.raises(ValueError, match="sparsities"):
+        QualitySettings(sparsities=(0.75, 1.0))
