@@ -23,11 +23,17 @@ from typing import Any, Mapping
 
 import lightning as L
 import torch
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+
+from mflightning.data.datasets import ImageTextCollate, ImageTextDataset
+from mflightning.data.tokenizer import build_tokenizer
+from mflightning.data.transforms import build_test_transform
 
 from mflightning.models.blip import BlipBackbone, shifted_lm_loss, with_first_token
 from mflightning.tasks.base import BlipTaskModule, _require, itc_itm_losses
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: whole images (no random crops)
 DONE_FILE = "pretrain.json"
 
 # A small BLIP: 2-layer ViT on 64 px images with 8 px patches (64 tokens), 2-layer text transformer.
@@ -92,9 +98,9 @@ class PretrainConfig:
     """What the pretrained model depends on (all of it goes into the cache key)."""
 
     backbone: dict = field(default_factory=lambda: copy.deepcopy(SMALL_BACKBONE))
-    epochs: int = 6
+    epochs: int = 10
     batch_size: int = 48
-    lr: float = 5e-4
+    lr: float = 8e-4
     weight_decay: float = 0.05
     warmup_steps: int = 50
     max_length: int = 30
@@ -145,8 +151,6 @@ def pretrain(
     The folder holds the backbone (``config.json``, ``model.safetensors``), the tokenizer's
     ``vocab.txt`` and ``pretrain.json`` (cache key material, loss history, seconds taken).
     """
-    from mflightning.data import CalibrationDataModule
-
     config = config or PretrainConfig()
     world_root = Path(world_root)
     manifest = read_manifest(world_root)
@@ -156,12 +160,7 @@ def pretrain(
     vocab = world_root / "vocab.txt"
     started = time.perf_counter()
     L.seed_everything(config.seed, workers=True, verbose=False)
-    data = CalibrationDataModule(
-        calibration_json=str(world_root / "calibration.json"), image_root=str(world_root / "images"),
-        tokenizer=str(vocab), image_size=config.image_size, batch_size=config.batch_size,
-        num_workers=num_workers, max_length=config.max_length, augment=config.augment, hflip=False,
-        seed=config.seed,
-    )
+    loader = caption_loader(world_root / "calibration.json", world_root / "images", str(vocab), config, num_workers)
     module = PretrainModule(backbone=copy.deepcopy(config.backbone), tokenizer=str(vocab), lr=config.lr,
                             weight_decay=config.weight_decay, warmup_steps=config.warmup_steps)
     history = LossHistory()
@@ -170,7 +169,7 @@ def pretrain(
         enable_model_summary=False, enable_progress_bar=progress, callbacks=[history], log_every_n_steps=10,
         default_root_dir=str(Path(cache_dir) / "lightning"),
     )
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, train_dataloaders=loader)
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     module.backbone.save_pretrained(partial)
@@ -183,6 +182,23 @@ def pretrain(
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
     return target
+
+
+def caption_loader(
+    records: str | os.PathLike, image_root: str | os.PathLike, tokenizer: str, config: PretrainConfig, num_workers: int = 0
+) -> DataLoader:
+    """Shuffled image-caption batches of whole images (resized, never cropped: captions name every object and
+    where it is), with RandAugment when `config.augment`; the last partial batch is dropped."""
+    transform = build_test_transform(config.image_size)
+    if config.augment:
+        transform = T.Compose([T.RandAugment(num_ops=2, magnitude=7), transform])
+    dataset = ImageTextDataset(os.fspath(records), os.fspath(image_root), transform, skip_bad_records=False)
+    if len(dataset) < config.batch_size:
+        raise ValueError(f"{records}: {len(dataset)} records are fewer than batch_size={config.batch_size}")
+    collate = ImageTextCollate(build_tokenizer(tokenizer), config.max_length)
+    generator = torch.Generator().manual_seed(config.seed)
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+                      num_workers=num_workers, generator=generator, persistent_workers=num_workers > 0)
 
 
 class LossHistory(L.Callback):

@@ -1,0 +1,110 @@
+"""The offline demo in its reduced-size mode, its chance levels, the pretraining cache and the sparsity plot."""
+import json
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mflightning.demo import DemoSettings, free_cores, retrieval_chance, run_demo, vqa_blind_prior, vqa_chance
+from mflightning.plots import layer_sparsity, plot_layer_sparsity, short_layer_name
+from mflightning.pretrain import PretrainConfig, cache_key, pretrain
+from mflightning.pruning import PruningResult
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    summary = run_demo(root / "out", root / "cache", DemoSettings.small(), progress=False)
+    return root, summary
+
+
+def test_small_demo_writes_its_outputs(demo):
+    root, summary = demo
+    out = root / "out"
+    for name in ("masks.safetensors", "scores.safetensors", "metrics.json", "pruning_report.txt"):
+        assert (out / name).is_file(), name
+    assert (out / "layer_sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "pretrained" / "model.safetensors").is_file() and (out / "pretrained" / "vocab.txt").is_file()
+    assert json.loads((out / "metrics.json").read_text())["table"] == summary["table"]
+    masks = PruningResult.load(out / "masks.safetensors")
+    assert masks.method == "multiflow" and masks.sparsity == pytest.approx(0.75, abs=0.01)
+    assert summary["sparsity_per_modality"] == pytest.approx(masks.group_sparsity())
+
+
+def test_small_demo_table_covers_every_task_dense_and_pruned(demo):
+    _, summary = demo
+    rows = {(r["task"], r["metric"]): r for r in summary["table"]}
+    assert {task for task, _ in rows} == {"retrieval", "captioning", "vqa"}
+    for row in rows.values():
+        for column in ("chance", "blind", "dense", "pruned"):
+            assert isinstance(row[column], float) and row[column] >= 0, (row, column)
+        # the pruned model stayed at the mask file's sparsity through fine-tuning, per modality
+        assert set(row["sparsity"]) == {"vision", "text", "total"}
+        assert row["sparsity"]["total"] == pytest.approx(0.75, abs=0.02)
+    runs = {(r["task"], r["variant"]) for r in summary["runs"]}
+    assert runs == {(t, v) for t in ("retrieval", "captioning", "vqa") for v in ("dense", "pruned")}
+
+
+def test_pretrained_model_is_cached_by_world_and_config(demo):
+    root, summary = demo
+    settings = DemoSettings.small()
+    model_dir = pretrain(root / "cache" / "world", root / "cache", settings.pretrain, progress=False)
+    assert str(model_dir) == summary["pretrained_model"]
+    stamp = os.path.getmtime(model_dir / "model.safetensors")
+    again = pretrain(root / "cache" / "world", root / "cache", settings.pretrain, progress=False)
+    assert again == model_dir and os.path.getmtime(model_dir / "model.safetensors") == stamp  # not retrained
+    manifest = json.loads((root / "cache" / "world" / "world.json").read_text())
+    assert cache_key(manifest, settings.pretrain) != cache_key(manifest, replace(settings.pretrain, epochs=2))
+    assert cache_key(manifest, settings.pretrain) != cache_key({**manifest, "seed": 1}, settings.pretrain)
+
+
+def test_retrieval_chance_is_the_exact_expectation(tmp_path):
+    path = tmp_path / "test.json"
+    path.write_text(json.dumps([{"image": "a.png", "caption": ["x"]}, {"image": "b.png", "caption": ["y", "z", "w"]}]))
+    chance = retrieval_chance(path, k=1)
+    assert chance["txt_r1"] == pytest.approx(100 * (1 / 4 + 3 / 4) / 2)
+    assert chance["img_r1"] == pytest.approx(50.0)
+    # k=2: image a misses only if both picks are among the 3 other captions: 1 - C(3,2)/C(4,2) = 1/2
+    assert retrieval_chance(path, k=2)["txt_r2"] == pytest.approx(100 * (0.5 + 1.0) / 2)
+
+
+def test_vqa_chance_and_blind_prior_are_exact(tmp_path):
+    train = tmp_path / "train.json"
+    test = tmp_path / "test.json"
+    train.write_text(json.dumps([
+        {"question_id": 0, "image": "a", "question": "what color is the star?", "answer": ["red"] * 3 + ["blue"]},
+        {"question_id": 1, "image": "b", "question": "what color is the box?", "answer": ["red"]},
+        {"question_id": 2, "image": "c", "question": "what color is the ball?", "answer": ["blue"] * 2},
+        {"question_id": 3, "image": "c", "question": "is there a star?", "answer": ["no"] * 3},
+    ]))
+    test.write_text(json.dumps([
+        {"question_id": 4, "image": "d", "question": "what color is the ball?", "answer": ["red"] * 10},
+        {"question_id": 5, "image": "e", "question": "is there a box?", "answer": ["yes"] * 10},
+    ]))
+    # random answer of the type: colour from {red, blue} -> 1/2, existence from {no} -> 0
+    assert vqa_chance([train], test)["vqa_acc"] == pytest.approx(25.0)
+    # most frequent answer of the type: red (4 votes vs 3) -> 1, no -> 0
+    assert vqa_blind_prior([train], test)["vqa_acc"] == pytest.approx(50.0)
+
+
+def test_plot_compares_results_on_the_same_layers(tmp_path):
+    masks = {"vision_model.encoder.layers.0.mlp.fc1.weight": torch.tensor([[True, False], [False, False]]),
+             "text_encoder.encoder.layer.1.output.dense.weight": torch.tensor([[True, True], [True, False]])}
+    groups = {"vision_model.encoder.layers.0.mlp.fc1.weight": "vision",
+              "text_encoder.encoder.layer.1.output.dense.weight": "text"}
+    result = PruningResult(masks=masks, groups=groups, method="multiflow", target_sparsity=0.5, allocation="modality")
+    assert layer_sparsity(result) == {"vision": [(next(iter(masks)), 0.75)],
+                                      "text": [("text_encoder.encoder.layer.1.output.dense.weight", 0.25)]}
+    assert short_layer_name("text_decoder.bert.encoder.layer.3.crossattention.self.query.weight") == \
+        "dec L3 crossattention.self.query"
+    path = plot_layer_sparsity({"a": result, "b": result}, tmp_path / "plot.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    other = PruningResult(masks={"x.weight": torch.ones(2, 2, dtype=torch.bool)}, groups={"x.weight": "vision"},
+                          method="omp", target_sparsity=0.5, allocation="global")
+    with pytest.raises(ValueError, match="prunes other layers"):
+        plot_layer_sparsity({"a": result, "b": other}, tmp_path / "bad.png")
+
+
+def test_free_cores_is_between_one_and_the_core_count():
+    assert 1 <= free_cores() <= (os.cpu_count() or 1)
