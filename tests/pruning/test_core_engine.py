@@ -208,3 +208,25 @@ def test_mask_file_that_does_not_match_the_model(model, tmp_path):
 def test_bad_regex_is_named(model):
     with pytest.raises(ValueError, match=r"group 'text': invalid regex"):
         prune(model, sparsity=0.5, method="omp", modalities={"text": "(unclosed"})
+
+
+def test_layers_sharing_an_input_get_its_statistics_and_in_place_changes_are_seen():
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            self.q(x)
+            self.k(x)
+            x.mul_(2.0)  # an in-place change between two layers reading the same tensor
+            self.v(x)
+
+    model = QKV()
+    x = torch.randn(3, 5, 4)
+    expected = x.pow(2).sum((0, 1))
+    targets = find_targets(model, resolve_modalities(model, None))
+    stats = collect_input_norms(model, targets, [x.clone()], forward=lambda m, b: m(b), token_mask=lambda b: None)
+    assert torch.allclose(stats.sums["q.weight"].float(), expected)
+    assert torch.allclose(stats.sums["k.weight"].float(), expected)
+    assert torch.allclose(stats.sums["v.weight"].float(), 4 * expected)
