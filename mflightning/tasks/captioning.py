@@ -32,7 +32,8 @@ class CaptioningModule(BlipTaskModule):
 
     def __init__(
         self, *args: Any, prompt: str = "a picture of ", label_smoothing: float = 0.1, num_beams: int = 3,
-        min_length: int = 5, max_length: int = 20, repetition_penalty: float = 1.0, **kwargs: Any,
+        min_length: int = 5, max_length: int = 20, repetition_penalty: float = 1.0, meteor: bool = True,
+        **kwargs: Any,
     ):
         kwargs.setdefault("lr", 1e-5)
         kwargs.setdefault("weight_decay", 0.05)
@@ -43,6 +44,7 @@ class CaptioningModule(BlipTaskModule):
         self.min_length = min_length
         self.max_length = max_length
         self.repetition_penalty = repetition_penalty
+        self.meteor = meteor  # False skips METEOR's slow Java start-up (quick runs and tests)
         # [CLS] + prompt word pieces ([SEP] dropped): positions excluded from the loss.
         self.prompt_length = len(self.tokenizer(prompt).input_ids) - 1
         if max_length <= self.prompt_length:
@@ -117,4 +119,4 @@ class CaptioningModule(BlipTaskModule):
         self.write_results(stage, "captions", [{"image_id": coco_image_id(i), "caption": c} for i, c, _ in items])
         predictions = {str(i): c for i, c, _ in items}
         references = {str(i): refs for i, _, refs in items}
-        self.log_metrics(stage, broadcast_from_zero(lambda: caption_scores(predictions, references)))
+        self.log_metrics(stage, broadcast_from_zero(lambda: caption_scores(predictions, references, meteor=self.meteor)))

@@ -396,9 +396,10 @@ class XVLMCaptioningModule(XVLMTaskModule):
     unused_parts = ("vision_proj", "text_proj", "itm_head", "bbox_head", "temp")
 
     def __init__(self, *args: Any, prompt: str = "a picture of ", label_smoothing: float = 0.1, num_beams: int = 3,
-                 min_length: int = 5, max_length: int = 20, **kwargs: Any):
+                 min_length: int = 5, max_length: int = 20, meteor: bool = True, **kwargs: Any):
         kwargs.setdefault("lr", 1e-5)
         super().__init__(*args, **kwargs)
+        self.meteor = meteor  # read by the shared evaluation (CaptioningModule._evaluate)
         self.prompt = prompt
         self.label_smoothing = label_smoothing
         self.num_beams = num_beams

@@ -118,3 +118,10 @@ def test_malformed_inputs_raise_clear_errors():
         caption_scores({"a": "a dog"}, {"a": ["a dog", " "]})
     with pytest.raises(TypeError, match="prediction for id 'a' must be a str"):
         caption_scores({"a": None}, {"a": ["a dog"]})
+
+
+def test_meteor_can_be_left_out_without_changing_the_rest(mixed_run):
+    scores, _ = mixed_run
+    quick = caption_scores(MIXED_PREDICTIONS, REFERENCES, meteor=False)
+    assert "meteor" not in quick
+    assert quick == {key: value for key, value in scores.items() if key != "meteor"}
