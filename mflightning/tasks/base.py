@@ -70,6 +70,37 @@ def cosine_lambda(total_steps: int, warmup_steps: int, min_lr_ratio: float):
     return factor
 
 
+class EvaluationLoop:
+    """Validation and test collect per-batch outputs with ``_eval_step(batch)`` and score the whole
+    (gathered) set once at epoch end with ``_evaluate(stage)``; a task defines those two."""
+
+    _eval_outputs: list
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_outputs = []
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_outputs = []
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._evaluate("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluate("test")
+
+    def _eval_step(self, batch: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _evaluate(self, stage: str) -> None:
+        raise NotImplementedError
+
+
 class BlipTaskModule(pl.LightningModule):
     """Base of the task modules: holds ``self.backbone`` and ``self.tokenizer``, calibration and optimiser.
 

@@ -7,7 +7,7 @@ import torch
 
 from mflightning.metrics import caption_scores
 from mflightning.models.blip import shifted_lm_loss, with_first_token
-from mflightning.tasks.base import BlipTaskModule, _require
+from mflightning.tasks.base import EvaluationLoop, BlipTaskModule, _require
 from mflightning.tasks.distributed import broadcast_from_zero, dedupe, gather_objects
 
 
@@ -18,7 +18,7 @@ def coco_image_id(image_id: Any) -> Any:
     return image_id
 
 
-class CaptioningModule(BlipTaskModule):
+class CaptioningModule(EvaluationLoop, BlipTaskModule):
     """BLIP captioning (COCO Karpathy protocol).
 
     Training: LM loss with label smoothing on ``"<prompt><caption>"`` (first token replaced by
@@ -84,24 +84,6 @@ class CaptioningModule(BlipTaskModule):
         return [text.strip() for text in self.tokenizer.batch_decode(output[:, prompt.size(1):], skip_special_tokens=True)]
 
     # ----------------------------------------------------------------- evaluation
-    def on_validation_epoch_start(self) -> None:
-        self._eval_outputs = []
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_outputs = []
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._evaluate("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._evaluate("test")
-
     def _eval_step(self, batch: Mapping[str, Any]) -> None:
         _require(batch, ("image", "image_id", "captions"), "captioning eval batch")
         captions = self.generate(batch["image"])

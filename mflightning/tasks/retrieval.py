@@ -7,7 +7,7 @@ import torch
 
 from mflightning.metrics import retrieval_recall
 from mflightning.models.blip import with_first_token
-from mflightning.tasks.base import BlipTaskModule, _require, itc_itm_losses
+from mflightning.tasks.base import EvaluationLoop, BlipTaskModule, _require, itc_itm_losses
 from mflightning.tasks.distributed import gather_objects, rank, to_cpu
 
 EVAL_KEYS = ("image", "image_idx", "text_input_ids", "text_attention_mask", "text_idx", "text_image_idx")
@@ -79,7 +79,7 @@ def recall_from_scores(
     return out
 
 
-class RetrievalModule(BlipTaskModule):
+class RetrievalModule(EvaluationLoop, BlipTaskModule):
     """BLIP image-text retrieval (COCO/Flickr protocol).
 
     Training: ITC with in-batch positives (captions sharing ``image_idx``) + ITM with hard
@@ -112,24 +112,6 @@ class RetrievalModule(BlipTaskModule):
         return loss
 
     # ----------------------------------------------------------------- evaluation
-    def on_validation_epoch_start(self) -> None:
-        self._eval_outputs = []
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_outputs = []
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._evaluate("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._evaluate("test")
-
     def _eval_step(self, batch: Mapping[str, Any]) -> None:
         _require(batch, EVAL_KEYS, "retrieval eval batch")
         image_embeds = self.backbone.encode_image(batch["image"])

@@ -10,7 +10,7 @@ import torch
 
 from mflightning.metrics import vqa_accuracy
 from mflightning.models.blip import shifted_lm_loss, with_first_token
-from mflightning.tasks.base import BlipTaskModule, _require
+from mflightning.tasks.base import EvaluationLoop, BlipTaskModule, _require
 from mflightning.tasks.distributed import dedupe, gather_objects
 
 TRAIN_KEYS = ("image", "question_input_ids", "question_attention_mask", "answer_input_ids",
@@ -37,7 +37,7 @@ def load_answer_list(answer_list: str | os.PathLike | Sequence[str]) -> list[str
     return list(answer_list)
 
 
-class VQAModule(BlipTaskModule):
+class VQAModule(EvaluationLoop, BlipTaskModule):
     """BLIP VQA (VQA v2 protocol).
 
     The question is encoded by the image-grounded text encoder (first token [ENC]); the answer is
@@ -142,24 +142,6 @@ class VQAModule(BlipTaskModule):
         return [self.answer_list[i] for i in chosen.tolist()]  # type: ignore[index]
 
     # ----------------------------------------------------------------- evaluation
-    def on_validation_epoch_start(self) -> None:
-        self._eval_outputs = []
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_outputs = []
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._evaluate("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._evaluate("test")
-
     def _eval_step(self, batch: Mapping[str, Any]) -> None:
         _require(batch, EVAL_KEYS, "VQA eval batch")
         answers = self.predict_answers(batch)
