@@ -480,7 +480,7 @@ def markdown_tables(summary: list[dict], s: QualitySettings) -> str:
     by = {(e["model"], e["task"], e["method"], e["sparsity"]): e for e in summary}
     seeds = f"{len(s.seeds)} fine-tuning seed{'s' if len(s.seeds) > 1 else ''}"
     lines = [f"Mean{'±std' if len(s.seeds) > 1 else ''} over {seeds} ({', '.join(map(str, s.seeds))}). "
-             "Best pruned value per column in **bold**, second <u>underlined</u>; Dense is the unpruned upper "
+             "Best pruned value per column in **bold**, second <u>underlined</u> (ties share the mark); Dense is the unpruned upper "
              "bound (the same model in every sparsity group)."]
     for task in s.tasks:
         metrics = METRICS[task]
@@ -492,12 +492,12 @@ def markdown_tables(summary: list[dict], s: QualitySettings) -> str:
             marks: dict[tuple, str] = {}
             for sp in s.sparsities:
                 for key, _ in metrics:
-                    ranked = sorted(
-                        ((by[(model, task, m, sp)]["metrics"][key]["mean"], m) for m in s.methods
-                         if METHODS[m].method and key in by.get((model, task, m, sp), {}).get("metrics", {})),
-                        reverse=True)
-                    for (_, m), mark in zip(ranked, ("best", "second")):
-                        marks[(m, sp, key)] = mark
+                    shown = {m: round(by[(model, task, m, sp)]["metrics"][key]["mean"], 2) for m in s.methods
+                             if METHODS[m].method and key in by.get((model, task, m, sp), {}).get("metrics", {})}
+                    top = sorted(set(shown.values()), reverse=True)[:2]  # ties (as displayed) share a mark
+                    for m, value in shown.items():
+                        if value in top:
+                            marks[(m, sp, key)] = ("best", "second")[top.index(value)]
             for m in s.methods:
                 cells = [METHODS[m].label]
                 for sp in s.sparsities:

@@ -54,6 +54,16 @@ def test_tables_show_mean_std_and_mark_best_pruned():
     assert "| OMP | <u>51.00±1.41</u> |" in table
 
 
+def test_tied_methods_share_the_mark():
+    settings = QualitySettings(models=("blip",), methods=("random", "omp", "lamp"), sparsities=(0.9,), seeds=(0,),
+                               tasks=("vqa",))
+    runs = [{"model": "blip", "task": "vqa", "method": m, "sparsity": 0.9, "seed": 0, "metrics": {"vqa_acc": v},
+             "realised_sparsity": {}} for m, v in (("random", 10.0), ("omp", 30.0), ("lamp", 30.0))]
+    table = markdown_tables(summarise(runs), settings)
+    assert "| OMP | **30.00** |" in table and "| LAMP | **30.00** |" in table
+    assert "| Random | <u>10.00</u> |" in table
+
+
 def test_bad_grid_values_are_named():
     with pytest.raises(ValueError, match="methods"):
         QualitySettings(methods=("multiflow", "chita"))
