@@ -160,8 +160,7 @@ def pretrain_xvlm(world_root: str | os.PathLike, cache_dir: str | os.PathLike, c
     """Pretrain the small XVLM on the caption split with ITC + ITM + MLM (cached like `mflightning.pretrain`)."""
     import lightning as L
 
-    from mflightning.data import CalibrationDataModule
-    from mflightning.pretrain import read_manifest
+    from mflightning.pretrain import caption_loader, read_manifest
     from mflightning.tasks.xvlm_tasks import XVLMTaskModule
 
     class XVLMPretrainModule(XVLMTaskModule):
@@ -179,17 +178,17 @@ def pretrain_xvlm(world_root: str | os.PathLike, cache_dir: str | os.PathLike, c
     started = time.perf_counter()
     L.seed_everything(config.seed, workers=True, verbose=False)
     vocab = Path(world_root) / "vocab.txt"
-    data = CalibrationDataModule(
-        calibration_json=str(Path(world_root) / "calibration.json"), image_root=str(Path(world_root) / "images"),
-        tokenizer=str(vocab), image_size=int(config.backbone["image_size"]), batch_size=config.batch_size,
-        num_workers=0, max_length=config.max_length, augment=config.augment, hflip=False, seed=config.seed)
+    # The BLIP pretraining's whole-image caption loader; it reads the image size from a BLIP-shaped backbone dict.
+    loader_config = replace(config, backbone={"vision_config": {"image_size": int(config.backbone["image_size"])}})
+    data = caption_loader(Path(world_root) / "calibration.json", Path(world_root) / "images", str(vocab),
+                          loader_config)
     module = XVLMPretrainModule(backbone=copy.deepcopy(config.backbone), tokenizer=str(vocab), lr=config.lr,
                                 weight_decay=config.weight_decay)
     history = LossHistory()
     trainer = L.Trainer(accelerator="auto", devices=1, max_epochs=config.epochs, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
                         callbacks=[history], default_root_dir=str(Path(cache_dir) / "lightning"))
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, train_dataloaders=data)
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     module.backbone.save_pretrained(partial)
