@@ -35,6 +35,7 @@ from mflightning.pretrain import SMALL_BACKBONE, LossHistory, PretrainConfig, ca
 
 MODELS = ("blip", "xvlm")
 TASKS = ("retrieval", "captioning", "vqa")
+XVLM_CACHE_VERSION = 2  # 2: pretrained on whole images (1: random calibration crops)
 TASK_TITLES = {"retrieval": "Image-text retrieval", "captioning": "Image captioning", "vqa": "VQA"}
 
 
@@ -172,7 +173,7 @@ def pretrain_xvlm(world_root: str | os.PathLike, cache_dir: str | os.PathLike, c
             return loss
 
     manifest = read_manifest(world_root)
-    target = Path(cache_dir) / f"xvlm-pretrained-{cache_key(manifest, config)}"
+    target = Path(cache_dir) / f"xvlm-pretrained-v{XVLM_CACHE_VERSION}-{cache_key(manifest, config)}"
     if (target / "pretrain.json").is_file():
         return target
     started = time.perf_counter()
