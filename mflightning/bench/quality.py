@@ -238,42 +238,13 @@ def demo_settings(model: str, s: QualitySettings, seed: int) -> DemoSettings:
                         k_test=s.k_test, seed=seed)
 
 
-def bleu4_cider(predictions: Mapping[str, str], references: Mapping[str, list[str]]) -> dict[str, float]:
-    """BLEU@4 and CIDEr (x100, PTB-tokenized, pycocoevalcap) without METEOR, whose JVM costs ~6 s per call."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-
-    from mflightning.metrics.captioning import _ptb_tokenize
-
-    ids = list(predictions)
-    texts = {("ref", i): list(references[key]) for i, key in enumerate(ids)}
-    texts.update({("pred", i): [predictions[key]] for i, key in enumerate(ids)})
-    tokenized = _ptb_tokenize(texts)
-    gts = {i: tokenized[("ref", i)] for i in range(len(ids))}
-    res = {i: tokenized[("pred", i)] for i in range(len(ids))}
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    return {"bleu4": 100.0 * float(bleu[3]), "cider": 100.0 * float(Cider().compute_score(gts, res)[0])}
-
-
-class BleuCiderEval:
-    """Mixin for the captioning modules: test scores are BLEU@4 and CIDEr only (single process)."""
-
-    def _evaluate(self, stage: str) -> None:
-        outputs, self._eval_outputs = self._eval_outputs, []
-        if not outputs:
-            raise RuntimeError(f"captioning {stage}: no images were evaluated")
-        predictions = {str(i): c for i, c, _ in outputs}
-        references = {str(i): list(refs) for i, _, refs in outputs}
-        self.log_metrics(stage, bleu4_cider(predictions, references))
-
-
 def captioning_module(model: str, backbone, vocab: str, s: QualitySettings):
-    """The model's captioning module (beam 3, length 5-24) scoring BLEU@4 and CIDEr."""
+    """The model's captioning module (beam 3, length 5-24) without METEOR, whose JVM start costs ~6 s per run."""
     from mflightning.tasks import CaptioningModule, XVLMCaptioningModule
 
-    base = CaptioningModule if model == "blip" else XVLMCaptioningModule
-    cls = type(f"Bench{base.__name__}", (BleuCiderEval, base), {})
-    return cls(backbone=copy.deepcopy(backbone), tokenizer=vocab, lr=s.lr, num_beams=3, min_length=5, max_length=24)
+    cls = CaptioningModule if model == "blip" else XVLMCaptioningModule
+    return cls(backbone=copy.deepcopy(backbone), tokenizer=vocab, lr=s.lr, num_beams=3, min_length=5, max_length=24,
+               meteor=False)
 
 
 def task_epochs(task: str, s: QualitySettings) -> int:
