@@ -194,7 +194,8 @@ def full_view(datamodule_class: type) -> type:
     return FullView
 
 
-def _datamodule(task: str, world, settings: DemoSettings) -> Any:
+def task_datamodule(task: str, world, settings: DemoSettings) -> Any:
+    """The world's datamodule for one task, on whole images at the pretrained model's size."""
     image_size = settings.pretrain.image_size
     common = dict(image_root=world.image_root, tokenizer=world.vocab, image_size=image_size,
                   batch_size=settings.tasks[task].batch_size, eval_batch_size=64, num_workers=0, augment=False,
@@ -208,7 +209,8 @@ def _datamodule(task: str, world, settings: DemoSettings) -> Any:
                          answer_list_json=world.answer_list, max_length=20, answer_max_length=6, **common)
 
 
-def _module(task: str, backbone, vocab: str, settings: DemoSettings) -> Any:
+def task_module(task: str, backbone, vocab: str, settings: DemoSettings) -> Any:
+    """A BLIP task module for one task around the (pretrained) backbone, with the demo's settings."""
     from mflightning.tasks import CaptioningModule, RetrievalModule, VQAModule
 
     common = dict(backbone=copy.deepcopy(backbone), tokenizer=vocab, lr=settings.tasks[task].lr,
@@ -229,9 +231,9 @@ def finetune_and_test(task: str, variant: str, backbone, vocab: str, world, sett
 
     L.seed_everything(settings.seed, workers=True, verbose=False)
     started = time.perf_counter()
-    module = _module(task, backbone, vocab, settings)
+    module = task_module(task, backbone, vocab, settings)
     module.output_dir = str(out / "results" / f"{task}_{variant}")
-    data = _datamodule(task, world, settings)
+    data = task_datamodule(task, world, settings)
     callbacks = []
     pruning = None
     if masks is not None:
@@ -416,7 +418,7 @@ def free_cores() -> int:
     return max(1, min(cores, round(cores - load)))
 
 
-def _quiet() -> None:
+def quiet_libraries() -> None:
     """Keep the console to progress bars and the demo's own lines."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
@@ -435,7 +437,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (default: the cores not busy with other processes, at least 1)")
     args = parser.parse_args(argv)
-    _quiet()
+    quiet_libraries()
     threads = args.threads or free_cores()
     torch.set_num_threads(threads)
     print(f"[demo] {threads} torch thread(s) ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})", flush=True)

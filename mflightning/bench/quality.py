@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from mflightning.data.synthetic import WorldSizes, generate_world
-from mflightning.demo import DemoSettings, TaskSettings, _datamodule, _module, _quiet, free_cores
+from mflightning.demo import DemoSettings, TaskSettings, free_cores, quiet_libraries, task_datamodule, task_module
 from mflightning.pretrain import SMALL_BACKBONE, LossHistory, PretrainConfig, cache_key, load_pretrained, pretrain
 
 MODELS = ("blip", "xvlm")
@@ -274,9 +274,9 @@ def finetune(model: str, task: str, backbone, vocab: str, world, s: QualitySetti
     if task == "captioning":
         module = captioning_module(model, backbone, vocab, s)
     else:
-        module = _module(task, backbone, vocab, settings) if model == "blip" else xvlm_module(task, backbone, vocab, s)
+        module = task_module(task, backbone, vocab, settings) if model == "blip" else xvlm_module(task, backbone, vocab, s)
     module.output_dir = str(work_dir)
-    data = _datamodule(task, world, settings)
+    data = task_datamodule(task, world, settings)
     callbacks = [MultiFlowCallback(masks=masks)] if masks is not None else []
     trainer = L.Trainer(accelerator="auto", devices=1, max_epochs=task_epochs(task, s), logger=False, enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=False, limit_val_batches=0,
@@ -576,7 +576,7 @@ def settings_from_args(args: argparse.Namespace) -> QualitySettings:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    _quiet()
+    quiet_libraries()
     torch.set_num_threads(args.threads or free_cores())
     settings = settings_from_args(args)
     print(f"[quality] {torch.get_num_threads()} torch thread(s); grid: {len(grid(settings))} backbones x "
