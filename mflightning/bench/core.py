@@ -73,9 +73,11 @@ class StepTimer(L.Callback):
     def __init__(self, skip: int):
         self.skip = skip
         self.times: list[float] = []
+        self.timing = False
         self._start = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.timing = trainer.global_step >= self.skip  # this step will be recorded
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -108,8 +110,10 @@ def time_training(shape_name: str, batch_size: int, steps: int, warmup: int, mod
     callbacks: list[L.Callback] = [timer]
     dense_bytes = tensor_bytes(module)
     holder: dict[str, Any] = {}
+    hook_seconds = [0.0]
     if mode == "multiflow":
         pruning = MultiFlowCallback(sparsity, calibration=batches[:2], modalities=BLIP_GROUPS, exclude=HEADS)
+        _time_calls(pruning, ("on_before_optimizer_step", "_after_step"), hook_seconds, timer)
         callbacks.insert(0, pruning)
         holder["callback"] = pruning
     elif mode == "modelpruning":
@@ -139,12 +143,29 @@ def time_training(shape_name: str, batch_size: int, steps: int, warmup: int, mod
         extra = 0
     return {
         "median_step_s": statistics.median(timer.times),
+        # time inside the callback's two per-step hooks (grad and weight masking), per timed step
+        "mask_hooks_s_per_step": hook_seconds[0] / max(1, len(timer.times)),
         "steps_timed": len(timer.times),
         "extra_bytes": extra,
         "extra_bytes_per_prunable_weight": extra / prunable if prunable else 0.0,
         "prunable_weights": prunable,
         "checkpoint_bytes": checkpoint_bytes,
     }
+
+
+def _time_calls(obj: Any, names: tuple[str, ...], total: list[float], timer: "StepTimer") -> None:
+    """Wrap `obj`'s methods so the seconds they take during timed steps add up in `total[0]`."""
+    for name in names:
+        method = getattr(obj, name)
+
+        def timed(*args: Any, _method: Callable = method) -> Any:
+            start = time.perf_counter()
+            out = _method(*args)
+            if timer.timing:
+                total[0] += time.perf_counter() - start
+            return out
+
+        setattr(obj, name, timed)
 
 
 def _checkpoint_size(trainer: L.Trainer) -> int:
@@ -264,6 +285,7 @@ def markdown(report: dict) -> str:
         f"| training step / dense step | {t['multiflow_over_dense']:.3f} | {t['modelpruning_over_dense']:.3f} |",
         f"| median step (s), dense {t['dense']['median_step_s']:.3f} | {t['multiflow']['median_step_s']:.3f} | "
         f"{t['modelpruning']['median_step_s']:.3f} |",
+        f"| mask hooks per step / dense step | {t['multiflow']['mask_hooks_s_per_step'] / t['dense']['median_step_s']:.3f} | - |",
         f"| extra memory per prunable weight (bytes) | {t['multiflow']['extra_bytes_per_prunable_weight']:.2f} | "
         f"{t['modelpruning']['extra_bytes_per_prunable_weight']:.2f} |",
         f"| checkpoint size / dense checkpoint | {t['multiflow']['checkpoint_bytes'] / t['dense']['checkpoint_bytes']:.3f} | "

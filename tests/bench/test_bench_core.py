@@ -17,6 +17,7 @@ def test_core_benchmark_tiny(tmp_path):
     # bool masks: exactly one byte per prunable weight; ModelPruning keeps weight_orig + a float mask
     assert training["multiflow"]["extra_bytes_per_prunable_weight"] == 1.0
     assert training["modelpruning"]["extra_bytes_per_prunable_weight"] >= 4.0
+    assert 0 < training["multiflow"]["mask_hooks_s_per_step"] < training["multiflow"]["median_step_s"]
     assert "training step / dense step" in out.with_suffix(".md").read_text()
 
 
