@@ -404,18 +404,36 @@ def _copy_tree(source: Path, target: Path) -> None:
     shutil.copytree(source, target)
 
 
-def free_cores() -> int:
-    """Cores not taken by other processes (cores minus the 1-minute load, rounded), at least 1.
+def free_cores(window: float = 0.5) -> int:
+    """Cores not taken by other processes right now, at least 1.
 
     Two threads on a two-core machine where another process keeps one core busy run several
-    times slower than one thread (the threads wait for each other at every operation).
+    times slower than one thread (the threads wait for each other at every operation). The busy
+    share is sampled from /proc/stat over `window` seconds: the 1-minute load average would still
+    count, say, the pip install that `make demo` ran just before.
     """
     cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return cores
-    return max(1, min(cores, round(cores - load)))
+
+    def sample() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as handle:
+                fields = [int(v) for v in handle.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    first = sample()
+    if first is None:
+        try:
+            return max(1, min(cores, round(cores - os.getloadavg()[0])))
+        except OSError:
+            return cores
+    time.sleep(window)
+    second = sample()
+    total, idle = second[0] - first[0], second[1] - first[1]  # type: ignore[index]
+    busy = cores * (1 - idle / total) if total > 0 else 0.0
+    return max(1, min(cores, round(cores - busy)))
 
 
 def quiet_libraries() -> None:
