@@ -10,8 +10,14 @@ SCRIPT = Path(__file__).with_name("ddp_eval_script.py")
 
 def run(devices: int, workdir: Path) -> dict:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(devices), str(workdir)], capture_output=True, text=True,
-                          timeout=240, env=env, cwd=str(workdir.parent))
+    for attempt in range(2):
+        proc = subprocess.run([sys.executable, str(SCRIPT), str(devices), str(workdir)], capture_output=True,
+                              text=True, timeout=240, env=env, cwd=str(workdir.parent))
+        # Seen once in ~6 runs on a 2-core box: both gloo ranks aborted in C++ ("terminate called without
+        # an active exception", SIGABRT) mid-run. Only a death by signal is retried, and only once; a
+        # Python error or a wrong result still fails the test.
+        if proc.returncode >= 0:
+            break
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT:")]
     assert proc.returncode == 0 and len(lines) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(lines[0][len("RESULT:"):])
