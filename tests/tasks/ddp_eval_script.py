@@ -9,6 +9,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
 
 from blip_task_fixtures import (ANSWERS, TINY_BACKBONE, caption_loaders, make_tokenizer,  # noqa: E402
                                 retrieval_loaders, trainer_kwargs, vqa_loaders)
@@ -34,7 +35,12 @@ def main(devices: int, workdir: str) -> None:
         if name != "retrieval":
             out[name + "_file"] = json.loads(module.results_paths["val"].read_text()) if trainer.is_global_zero else None
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        print("RESULT:" + json.dumps(out, sort_keys=True))
+        print("RESULT:" + json.dumps(out, sort_keys=True), flush=True)
+    # Tear gloo down before the interpreter exits: left to exit-time destructors, a rank sometimes
+    # aborts ("terminate called without an active exception") after all the work is done.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
