@@ -44,6 +44,9 @@ def main() -> None:
         {"masks": callback.kept_masks, "calibration_calls": module.calibration_calls, "zeros": bool(zeros)},
         out / f"{kind}-{devices}-rank{trainer.global_rank}.pt",
     )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()  # not left to exit-time destructors (gloo aborts seen)
 
 
 if __name__ == "__main__":
