@@ -230,19 +230,12 @@ class XVLMTaskModule(pl.LightningModule):
         """XVLM starts every text, answers and captions included, with [CLS]."""
         return int(self.tokenizer.cls_token_id)
 
-    @property
-    def pad_token_id(self) -> int:
-        return int(self.tokenizer.pad_token_id)
-
-    @property
-    def sep_token_id(self) -> int:
-        return int(self.tokenizer.sep_token_id)
+    pad_token_id = BlipTaskModule.pad_token_id
+    sep_token_id = BlipTaskModule.sep_token_id
 
     # ----------------------------------------------------------------- pruning hooks
-    def calibration_step(self, batch: Mapping[str, Any]) -> None:
-        """Run the image, text and fusion encoders (and the VQA decoder, if any) on a calibration batch."""
-        _require(batch, ("image", "input_ids", "attention_mask"), "calibration batch")
-        self.backbone(batch["image"], batch["input_ids"], batch["attention_mask"])
+    # The backbone's forward runs the image, text and fusion encoders (and the VQA decoder, if any).
+    calibration_step = BlipTaskModule.calibration_step
 
     def pruning_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """XVLM pretraining loss ITC + ITM + MLM (+ the decoder's LM loss, if any) for gradient-based baselines."""
