@@ -30,8 +30,8 @@ from mflightning.data.datasets import ImageTextCollate, ImageTextDataset
 from mflightning.data.tokenizer import build_tokenizer
 from mflightning.data.transforms import build_test_transform
 
-from mflightning.models.blip import BlipBackbone, shifted_lm_loss, with_first_token
-from mflightning.tasks.base import BlipTaskModule, _require, itc_itm_losses
+from mflightning.models.blip import BlipBackbone
+from mflightning.tasks.base import BlipTaskModule
 
 CACHE_VERSION = 2  # 2: whole images (no random crops)
 DONE_FILE = "pretrain.json"
@@ -68,22 +68,8 @@ class PretrainModule(BlipTaskModule):
             self.backbone.tie_decoder_()
 
     def losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """The three pretraining losses of one image-caption batch."""
-        _require(batch, ("image", "input_ids", "attention_mask"), "pretraining batch")
-        image_embeds = self.backbone.encode_image(batch["image"])
-        image_idx = batch.get("image_idx")
-        if image_idx is None:
-            image_idx = torch.arange(batch["image"].size(0), device=batch["image"].device)
-        itc, itm = itc_itm_losses(self.backbone, image_embeds, batch["input_ids"], batch["attention_mask"], image_idx)
-        dec_ids = with_first_token(batch["input_ids"], self.dec_token_id)
-        labels = dec_ids.masked_fill(batch["attention_mask"] == 0, -100)
-        logits = self.backbone.decode(dec_ids, batch["attention_mask"], image_embeds)
-        lm = shifted_lm_loss(logits, labels, label_smoothing=0.1)
-        return {"itc": itc, "itm": itm, "lm": lm}
-
-    def pruning_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """ITC + ITM + LM on a calibration batch (the SNIP / IterSNIP objective)."""
-        return sum(self.losses(batch).values())  # type: ignore[return-value]
+        """The three pretraining losses of one image-caption batch (the base's ITC + ITM + LM)."""
+        return self.pretraining_losses(batch)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         parts = self.losses(batch)

@@ -181,7 +181,11 @@ class BlipTaskModule(pl.LightningModule):
 
     def pruning_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """BLIP pretraining loss ITC + ITM + LM on a calibration batch (for gradient-based baselines)."""
-        _require(batch, ("image", "input_ids", "attention_mask"), "calibration batch")
+        return sum(self.pretraining_losses(batch).values())
+
+    def pretraining_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """BLIP's three pretraining losses (itc, itm, lm) of one image-caption batch."""
+        _require(batch, ("image", "input_ids", "attention_mask"), "image-caption batch")
         image_embeds = self.backbone.encode_image(batch["image"])
         image_idx = batch.get("image_idx")
         if image_idx is None:
@@ -190,7 +194,7 @@ class BlipTaskModule(pl.LightningModule):
         dec_ids = with_first_token(batch["input_ids"], self.dec_token_id)
         labels = dec_ids.masked_fill(batch["attention_mask"] == 0, -100)
         logits = self.backbone.decode(dec_ids, batch["attention_mask"], image_embeds)
-        return itc + itm + shifted_lm_loss(logits, labels, label_smoothing=0.1)
+        return {"itc": itc, "itm": itm, "lm": shifted_lm_loss(logits, labels, label_smoothing=0.1)}
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self):
