@@ -66,6 +66,7 @@ register_preset(
     groups=BLIP_GROUPS,
     exclude=BLIP_EXCLUDE,
     inherit=BLIP_INHERIT,
+    image_groups=("vision",),
     description="BLIP: vision = ViT image encoder; text = text encoder (incl. cross-attention) and "
     "decoder; heads dense; decoder cross-attention/FFN inherit the encoder's masks",
 )

@@ -59,6 +59,7 @@ register_preset(
     exclude=XVLM_EXCLUDE,
     unfiltered=XVLM_UNFILTERED,
     inherit=XVLM_INHERIT,
+    image_groups=("vision",),
     description="XVLM: vision = ViT; text = text encoder layers 0-5; fusion = layers 6-11 (cross-attention) and "
     "the VQA decoder copied from them (inherits their masks); heads dense",
 )

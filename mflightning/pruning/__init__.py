@@ -3,11 +3,12 @@ from .allocation import ALLOCATIONS, compute_masks
 from .engine import METHODS, check_method, check_sparsity, prune
 from .presets import Preset, available_presets, get_preset, register_preset
 from .result import PruningResult, apply_masks
-from .stats import collect_gradients, collect_input_norms, default_forward, default_token_mask
+from .stats import CalibrationError, collect_gradients, collect_input_norms, default_forward, default_token_mask
 from .targets import find_targets, resolve_modalities
 
 __all__ = [
     "ALLOCATIONS",
+    "CalibrationError",
     "METHODS",
     "Preset",
     "PruningResult",

@@ -1,9 +1,10 @@
 """Modality presets: how a backbone's prunable layers split into groups.
 
 A backbone registers a preset once (``register_preset("blip", ...)``) so that users can
-write ``modalities="blip"``. A preset bundles the group map, the heads that stay dense
-and the layers whose inputs are image tokens even outside the vision group (their
-statistics are never filtered by the text attention mask).
+write ``modalities="blip"``. A preset bundles the group map, the heads that stay dense,
+the groups whose inputs are image tokens (``image_groups``) and the layers whose inputs
+are image tokens outside those groups (``unfiltered``); the statistics of both are never
+filtered by the text attention mask.
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ class Preset:
     # Optional mask inheritance: regex on a parameter name -> replacement naming the
     # parameter whose mask it takes (e.g. a decoder copy inheriting its encoder's mask).
     inherit: tuple[tuple[str, str], ...] = field(default=())
+    # Groups whose layers read image tokens: their statistics are never PAD-filtered. Declared,
+    # never guessed from a group's name.
+    image_groups: tuple[str, ...] = ()
 
 
 _PRESETS: dict[str, Preset] = {}
@@ -44,14 +48,21 @@ def register_preset(
     unfiltered: tuple[str, ...] = DEFAULT_UNFILTERED,
     description: str = "",
     inherit: tuple[tuple[str, str], ...] = (),
+    image_groups: tuple[str, ...] = (),
 ) -> Preset:
-    """Register (or replace) a preset; returns it. Regexes are checked here, not at use."""
+    """Register (or replace) a preset; returns it. Regexes and image groups are checked here, not at use."""
     for pattern in (*groups.values(), *exclude, *unfiltered, *(p for p, _ in inherit)):
         try:
             re.compile(pattern)
         except re.error as err:
             raise ValueError(f"preset {name!r}: invalid regex {pattern!r}: {err}") from err
-    preset = Preset(name, dict(groups), tuple(exclude), tuple(unfiltered), description, tuple(inherit))
+    image_groups = (image_groups,) if isinstance(image_groups, str) else tuple(image_groups)
+    unknown = [g for g in image_groups if g not in groups]
+    if unknown:
+        raise ValueError(f"preset {name!r}: image_groups {unknown} are not among its groups {list(groups)}")
+    preset = Preset(
+        name, dict(groups), tuple(exclude), tuple(unfiltered), description, tuple(inherit), image_groups
+    )
     _PRESETS[name] = preset
     return preset
 

@@ -7,41 +7,77 @@ from typing import Callable, Iterable, Mapping
 
 from torch import nn
 
+from .attention import attention_weights
 from .presets import DEFAULT_UNFILTERED, GroupMap, get_preset
 
 SINGLE_GROUP = "all"
 
+# Modules whose weight is an embedding table: an nn.Linear sharing it (a tied LM head) is not
+# pruned as a layer unless asked, since its mask would also cut rows out of the embedding.
+EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
+
 
 @dataclass
 class Target:
-    """One prunable weight: its parameter name, the modules that use it and its group."""
+    """One prunable weight: its parameter name, the modules that use it and its group.
+
+    `modules` are the modules whose calls feed its statistics: an nn.Linear (the input of its
+    forward) or an nn.MultiheadAttention whose packed/separate input projection or output
+    projection this weight is (see `attention.py`).
+    """
 
     name: str
     param: nn.Parameter
-    modules: list[nn.Linear]
+    modules: list[nn.Module]
     group: str
     filter_tokens: bool  # drop padding tokens from its input statistics
 
 
 @dataclass(frozen=True)
 class GroupSpec:
-    """Resolved `modalities` argument: how to assign groups, what to leave dense."""
+    """Resolved `modalities` argument: how to assign groups, what to leave dense, what reads images.
+
+    `known_groups` are the group names the map declares (None for a callable, whose groups are
+    known only once every layer is assigned); `image_groups` are checked against them, or against
+    the groups the targets got, in `find_targets`.
+    """
 
     assign: Callable[[str], str | None]
     exclude: tuple[str, ...]
     unfiltered: tuple[str, ...]
     description: str
+    image_groups: tuple[str, ...] = ()
+    known_groups: tuple[str, ...] | None = None
+    prune_tied_embeddings: bool = False
 
 
-def resolve_modalities(model: nn.Module, modalities: GroupMap, exclude: Iterable[str] = ()) -> GroupSpec:
-    """Turn None / preset name / regex map / callable into one group-assignment function."""
+def resolve_modalities(
+    model: nn.Module,
+    modalities: GroupMap,
+    exclude: Iterable[str] = (),
+    *,
+    image_groups: Iterable[str] | None = None,
+    prune_tied_embeddings: bool = False,
+) -> GroupSpec:
+    """Turn None / preset name / regex map / callable into one group-assignment function.
+
+    `image_groups` names the groups whose layers read image tokens (never PAD-filtered). None
+    takes the preset's declaration; with a regex map, a callable or a single group, None means
+    no group is an image group. `prune_tied_embeddings` makes an nn.Linear weight that is also an
+    nn.Embedding's table (a tied LM head) prunable; by default it stays dense.
+    """
     exclude = tuple(exclude)
     for pattern in exclude:
         _compile(pattern, "exclude")
+    declared = _as_names(image_groups)
+    options = dict(prune_tied_embeddings=bool(prune_tied_embeddings))
     if modalities is None:
         preset_name = getattr(model, "pruning_preset", None)
         if preset_name is None:
-            return GroupSpec(lambda name: SINGLE_GROUP, exclude, DEFAULT_UNFILTERED, "one group")
+            return GroupSpec(
+                lambda name: SINGLE_GROUP, exclude, DEFAULT_UNFILTERED, "one group",
+                declared or (), (SINGLE_GROUP,), **options,
+            )
         modalities = preset_name
     if isinstance(modalities, str):
         preset = get_preset(modalities)
@@ -50,51 +86,119 @@ def resolve_modalities(model: nn.Module, modalities: GroupMap, exclude: Iterable
             preset.exclude + exclude,
             preset.unfiltered,
             f"preset {preset.name!r}",
+            preset.image_groups if declared is None else declared,
+            tuple(preset.groups),
+            **options,
         )
     if isinstance(modalities, Mapping):
         if not modalities:
             raise ValueError("modalities: the group map is empty")
-        return GroupSpec(_regex_assigner(modalities, "modalities"), exclude, DEFAULT_UNFILTERED, "regex map")
+        return GroupSpec(
+            _regex_assigner(modalities, "modalities"), exclude, DEFAULT_UNFILTERED, "regex map",
+            declared or (), tuple(modalities), **options,
+        )
     if callable(modalities):
-        return GroupSpec(modalities, exclude, DEFAULT_UNFILTERED, "callable")
+        return GroupSpec(modalities, exclude, DEFAULT_UNFILTERED, "callable", declared or (), None, **options)
     raise TypeError(
         f"modalities must be None, a preset name, a mapping group -> regex or a callable, got {type(modalities)!r}"
     )
 
 
 def find_targets(model: nn.Module, spec: GroupSpec) -> dict[str, Target]:
-    """All nn.Linear weights not excluded, keyed by their name in `model.named_parameters()`.
+    """All nn.Linear and nn.MultiheadAttention projection weights not excluded, keyed by their name
+    in `model.named_parameters()`.
 
-    A weight shared by several Linear modules (tied layers) is one target with all its modules, so
-    its statistics accumulate every call. Raises if a layer gets no group.
+    A weight shared by several modules (tied layers) is one target with all its modules, so its
+    statistics accumulate every call; `exclude` and `unfiltered` match any of its names. A weight
+    that is also an embedding table stays dense unless `spec.prune_tied_embeddings`. Raises if a
+    layer gets no group, or if an image group names no group.
     """
-    canonical = {id(p): name for name, p in model.named_parameters()}
+    aliases = _parameter_names(model)
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, EMBEDDING_TYPES)}
     targets: dict[str, Target] = {}
     seen_modules: set[int] = set()
     for _, module in model.named_modules(remove_duplicate=False):
-        if not isinstance(module, nn.Linear) or id(module) in seen_modules:
+        if id(module) in seen_modules:
             continue
         seen_modules.add(id(module))
-        weight = module.weight
-        name = canonical.get(id(weight))
-        if name is None:
-            continue
-        if any(re.search(p, name) for p in spec.exclude):
-            continue
-        if name in targets:
-            targets[name].modules.append(module)
-            continue
-        group = spec.assign(name)
-        if group is None:
-            raise ValueError(
-                f"prunable layer {name!r} {tuple(weight.shape)} matches no modality group "
-                f"({spec.description}); add it to a group or to `exclude`"
-            )
-        filter_tokens = group != "vision" and not any(re.search(p, name) for p in spec.unfiltered)
-        targets[name] = Target(name, weight, [module], str(group), filter_tokens)
+        for weight in _prunable_weights(module):
+            names = aliases.get(id(weight))
+            if not names:
+                continue
+            if id(weight) in embeddings and not spec.prune_tied_embeddings:
+                continue
+            if _matches_any(spec.exclude, names):
+                continue
+            name = names[0]
+            if name in targets:
+                targets[name].modules.append(module)
+                continue
+            group = _assign(spec, names, tuple(weight.shape))
+            filter_tokens = group not in spec.image_groups and not _matches_any(spec.unfiltered, names)
+            targets[name] = Target(name, weight, [module], group, filter_tokens)
     if not targets:
-        raise ValueError("the model has no prunable nn.Linear weights (after `exclude`)")
+        raise ValueError(
+            "the model has no prunable nn.Linear / nn.MultiheadAttention weights (after `exclude`; a weight "
+            "tied to an nn.Embedding stays dense unless prune_tied_embeddings=True)"
+        )
+    _check_image_groups(spec, targets)
     return targets
+
+
+def _prunable_weights(module: nn.Module) -> list[nn.Parameter]:
+    """The weights of `module` that are pruned as layers (an MHA's out_proj also counts as nn.Linear)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return attention_weights(module)
+    if isinstance(module, nn.Linear):
+        return [module.weight]
+    return []
+
+
+def _parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> every name it has in `model`, the canonical (`named_parameters()`) one first."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return names
+
+
+def _assign(spec: GroupSpec, names: list[str], shape: tuple[int, ...]) -> str:
+    """The group of the first of `names` that gets one (a shared weight: canonical name first)."""
+    for name in names:
+        group = spec.assign(name)
+        if group is not None:
+            return str(group)
+    others = f" (also named {names[1:]})" if len(names) > 1 else ""
+    raise ValueError(
+        f"prunable layer {names[0]!r} {shape}{others} matches no modality group "
+        f"({spec.description}); add it to a group or to `exclude`"
+    )
+
+
+def _check_image_groups(spec: GroupSpec, targets: Mapping[str, Target]) -> None:
+    """Every declared image group must be a group of the map, or (a callable) of some target."""
+    available = list(dict.fromkeys((*(spec.known_groups or ()), *(t.group for t in targets.values()))))
+    unknown = [g for g in spec.image_groups if g not in available]
+    if unknown:
+        raise ValueError(f"image_groups: unknown group(s) {unknown} ({spec.description}); groups: {available}")
+
+
+def _as_names(groups: Iterable[str] | None) -> tuple[str, ...] | None:
+    """`groups` as a tuple of names (a single string is one name); None stays None."""
+    if groups is None:
+        return None
+    if isinstance(groups, str):
+        return (groups,)
+    names = tuple(groups)
+    bad = [g for g in names if not isinstance(g, str)]
+    if bad:
+        raise TypeError(f"image_groups must be group names (str), got {bad!r}")
+    return names
+
+
+def _matches_any(patterns: Iterable[str], names: Iterable[str]) -> bool:
+    names = list(names)
+    return any(re.search(p, n) for p in patterns for n in names)
 
 
 def _regex_assigner(groups: Mapping[str, str], where: str) -> Callable[[str], str | None]:
