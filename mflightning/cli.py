@@ -119,7 +119,10 @@ class PruningSettings:
                 f"{self.masks!r}, which holds no scores to re-threshold; use the scores.safetensors that "
                 "`mflightning prune` writes, or set pruning.sparsity to null"
             )
-        return result.at(self.sparsity)
+        try:
+            return result.at(self.sparsity)
+        except ValueError as err:  # e.g. IterSNIP scores, which only hold for their own sparsity
+            raise RecipeError(f"pruning.sparsity={self.sparsity} with mask file {self.masks!r}: {err}") from None
 
     def callback(self):
         """The MultiFlowCallback these settings describe (None when pruning is off)."""

@@ -1,9 +1,12 @@
 """`prune()`: calibrate, score, allocate and return masks. Pure torch; knows nothing of Lightning."""
 from __future__ import annotations
 
+import functools
 import itertools
 import math
-from collections.abc import Iterable
+import numbers
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -13,7 +16,7 @@ from torch import Tensor, nn
 from . import scores as S
 from .allocation import ALLOCATIONS, compute_masks
 from .presets import GroupMap
-from .result import PruningResult, apply_masks
+from .result import SHOWN, PruningResult, apply_masks
 from .stats import (
     Batch,
     ForwardFn,
@@ -23,9 +26,11 @@ from .stats import (
     collect_input_norms,
     default_forward,
     default_token_mask,
-    iterate_shard,
+    distributed_sampler_shard,
+    move_to_device,
 )
-from .targets import Target, find_targets, resolve_modalities
+from .upkeep import full_tensor, is_dtensor
+from .targets import SINGLE_GROUP, GroupSpec, Target, find_targets, resolve_modalities
 
 
 @dataclass(frozen=True)
@@ -48,13 +53,38 @@ METHODS: dict[str, Method] = {
 }
 
 
-def check_sparsity(sparsity: float) -> float:
-    """Sparsity must be a finite number in [0, 1)."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity):
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    return float(sparsity)
+# A layer pruned beyond this (at a lower target) is warned about: it barely passes any signal.
+NEARLY_EMPTY = 0.99
+
+
+def check_sparsity(sparsity: Any) -> float:
+    """Sparsity as a float in [0, 1).
+
+    Any real number is accepted (int, float, numpy scalar, fractions.Fraction), and so is a tensor
+    or numpy array holding one non-bool real number (a 0-dim tensor from a config or a sweep).
+    Bools, NaN/inf, strings and values outside [0, 1) are refused, the value in the message.
+    """
+    value = _real_number(sparsity)
+    if value is None or not math.isfinite(value):
+        raise ValueError(f"sparsity must be a real number in [0, 1), got {sparsity!r}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    return value
+
+
+def _real_number(value: Any) -> float | None:
+    """`value` as a float when it is one real number (not a bool), else None."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            return None
+        value = value.item()
+    elif type(value).__module__ == "numpy" and hasattr(value, "dtype"):  # numpy scalar or array
+        if value.size != 1 or value.dtype.kind not in "iuf":
+            return None
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
 
 
 def check_method(method: str, allocation: str | None) -> tuple[Method, str]:
@@ -68,6 +98,23 @@ def check_method(method: str, allocation: str | None) -> tuple[Method, str]:
     return spec, allocation
 
 
+def _outside_inference_mode(fn: Callable[..., PruningResult]) -> Callable[..., PruningResult]:
+    """Run `fn` with inference mode off, so it works when called under `torch.inference_mode()`.
+
+    Under inference mode every new tensor is an inference tensor: it has no version counter (which
+    the statistics use) and autograd cannot save it, so masks made there would break a later
+    `apply` or fine-tuning outside inference mode. Inference mode is only ever switched off here.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> PruningResult:
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@_outside_inference_mode
 def prune(
     model: nn.Module,
     *,
@@ -89,6 +136,8 @@ def prune(
     shard: tuple[int, int] | None = None,
     reduce: ReduceFn | None = None,
     transfer: Callable[[Batch], Batch] | None = None,
+    image_groups: Iterable[str] | None = None,
+    prune_tied_embeddings: bool = False,
 ) -> PruningResult:
     """Compute pruning masks for `model`'s nn.Linear weights; the model itself is left unchanged.
 
@@ -97,12 +146,21 @@ def prune(
     one magnitude pool, "w/o multimodality"; `global`: one score threshold, "w/o distribution").
     `shard=(rank, world)` and `reduce` (in-place sum over processes) split calibration across
     processes; every process returns the same masks. Call `result.apply(model)` to zero weights.
+
+    Works under `torch.inference_mode()` too (the returned tensors are ordinary ones). A layer left
+    more than 99% pruned while the target is lower gets a warning (a freshly initialised head or a
+    pooler usually belongs in `exclude`).
     """
     sparsity = check_sparsity(sparsity)
     spec, allocation = check_method(method, allocation)
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    group_spec = resolve_modalities(model, modalities, exclude)
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"num_batches must be >= 1 or None, got {num_batches}")
+    exclude = tuple(exclude)
+    group_spec = resolve_modalities(
+        model, modalities, exclude, image_groups=image_groups, prune_tied_embeddings=prune_tied_embeddings
+    )
     targets = find_targets(model, group_spec)
     groups = {name: t.group for name, t in targets.items()}
     # the preset travels with the masks so a task module can apply its `inherit` rules later
@@ -113,9 +171,14 @@ def prune(
         raise ValueError(f"method {method!r} is data-driven and needs calibration batches (calibration=None)")
     if spec.needs == "gradients" and loss is None:
         raise ValueError(f"method {method!r} needs `loss(model, batch) -> scalar tensor`")
+    if spec.needs == "gradients":
+        _check_no_inference_parameters(targets, method)
+    if spec.needs is not None:
+        transfer = _ordinary_transfer(transfer, next(iter(targets.values())).param.device)
     # |W| drives the layer ratios of the pooled allocations and is OMP's score; other runs skip the copy
     needs_magnitudes = allocation in ("modality", "magnitude") or method == "omp" or keep_scores
-    magnitudes = {name: S.magnitude_scores(t.param) for name, t in targets.items()} if needs_magnitudes else None
+    weights = _full_weights(targets, method)
+    magnitudes = {name: S.magnitude_scores(w) for name, w in weights.items()} if needs_magnitudes else None
     info: dict[str, Any] = {}
 
     if spec.needs == "activations":
@@ -130,12 +193,13 @@ def prune(
             reduce=reduce,
             transfer=transfer,
             progress=progress,
+            lockstep=any(is_dtensor(t.param) for t in targets.values()),
         )
         _check_seen(stats.num_batches, stats.calls, method)
         info = {"num_batches": stats.num_batches, "num_samples": stats.num_samples}
         norms = {name: stats.sums[name].sqrt() for name in targets}
         fn = S.multiflow_scores if method == "multiflow" else S.wanda_scores
-        scores = {name: fn(t.param, norms[name]) for name, t in targets.items()}
+        scores = {name: fn(weights[name], norms[name]) for name in targets}
     elif method == "snip":
         stats = collect_gradients(
             model, targets, calibration, loss,  # type: ignore[arg-type]
@@ -151,15 +215,16 @@ def prune(
         )
     elif method == "random":
         generator = torch.Generator().manual_seed(seed)
-        scores = {name: S.random_scores(t.param, generator) for name, t in targets.items()}
+        scores = {name: S.random_scores(weights[name], generator) for name in targets}
     elif method == "lamp":
-        scores = {name: S.lamp_scores(t.param) for name, t in targets.items()}
+        scores = {name: S.lamp_scores(weights[name]) for name in targets}
     else:  # omp
         scores = dict(magnitudes)  # type: ignore[arg-type]
 
     if invert:
         scores = {name: -s for name, s in scores.items()}
     masks = compute_masks(scores, sparsity, allocation, groups=groups, magnitudes=magnitudes)
+    _warn_nearly_empty(masks, sparsity)
     cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
     return PruningResult(
         masks=cpu(masks),
@@ -172,7 +237,88 @@ def prune(
         calibration=info,
         scores=cpu(scores) if keep_scores else None,
         magnitudes=cpu(magnitudes) if keep_scores and magnitudes is not None else None,
+        exclude=exclude,
+        dense_layers=_dense_layers(model, targets),
     )
+
+
+def _full_weights(targets: Mapping[str, Target], method: str) -> dict[str, Tensor]:
+    """Each prunable weight whole: a sharded (FSDP2 DTensor) weight is gathered, one layer at a time.
+
+    Scores and the Eq. 7 pools need whole layers; every process computes the same masks, which
+    mask upkeep then shards like the parameters. Gradient methods are not verified under FSDP2.
+    """
+    sharded = [name for name, t in targets.items() if is_dtensor(t.param)]
+    if sharded and METHODS[method].needs == "gradients":
+        raise NotImplementedError(
+            f"method {method!r} is not supported on sharded (FSDP2/DTensor) parameters (first: {sharded[:3]}); "
+            "use multiflow, wanda, omp, lamp or random, or compute the masks unsharded and pass masks="
+        )
+    return {name: full_tensor(t.param.detach()) for name, t in targets.items()}
+
+
+def _check_no_inference_parameters(targets: Mapping[str, Target], method: str) -> None:
+    """Gradient methods cannot use weights that are inference tensors: raise, naming them."""
+    frozen = [name for name, t in targets.items() if t.param.is_inference()]
+    if frozen:
+        raise RuntimeError(
+            f"method {method!r} needs gradients, but {len(frozen)} prunable weight(s) are inference tensors "
+            f"(first: {frozen[:3]}): the model was built or loaded under torch.inference_mode(), and autograd "
+            "cannot use such tensors; build or load it outside inference mode (torch.no_grad() is fine), or "
+            "use an activation-based (multiflow, wanda) or data-free (omp, lamp, random) method"
+        )
+
+
+def _ordinary_transfer(transfer: Callable[[Batch], Batch] | None, device: torch.device) -> Callable[[Batch], Batch]:
+    """`transfer` (default: move to `device`) followed by replacing inference tensors with ordinary copies.
+
+    Batches made under `torch.inference_mode()` hold inference tensors, which autograd cannot save
+    and which carry no version counter; a copy made outside inference mode is an ordinary tensor.
+    """
+    move = transfer or (lambda batch: move_to_device(batch, device))
+    return lambda batch: _ordinary_tensors(move(batch))
+
+
+def _ordinary_tensors(batch: Batch) -> Batch:
+    """The batch with every inference tensor in (nested) mappings, lists and tuples cloned; the rest as is."""
+    if isinstance(batch, Tensor):
+        return batch.clone() if batch.is_inference() else batch
+    if isinstance(batch, Mapping):
+        copied = {k: _ordinary_tensors(v) for k, v in batch.items()}
+        try:
+            return type(batch)(copied)
+        except TypeError:  # a mapping type that cannot be built from a dict
+            return copied
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_ordinary_tensors(v) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_ordinary_tensors(v) for v in batch)
+    return batch
+
+
+def _warn_nearly_empty(masks: Mapping[str, Tensor], sparsity: float) -> None:
+    """Warn, naming them, about layers left more than 99% pruned when the target is lower than that."""
+    if sparsity >= NEARLY_EMPTY or not masks:
+        return
+    kept = torch.stack([m.sum() for m in masks.values()]).tolist()  # one device sync for all layers
+    ratios = {name: 1.0 - k / m.numel() for (name, m), k in zip(masks.items(), kept)}
+    nearly_empty = [name for name, ratio in ratios.items() if ratio > NEARLY_EMPTY]
+    if not nearly_empty:
+        return
+    shown = ", ".join(f"{name} ({ratios[name]:.2%})" for name in nearly_empty[:SHOWN])
+    more = f" and {len(nearly_empty) - SHOWN} more" if len(nearly_empty) > SHOWN else ""
+    warnings.warn(
+        f"{len(nearly_empty)} layer(s) left more than {NEARLY_EMPTY:.0%} pruned at target sparsity {sparsity}: "
+        f"{shown}{more}; such a layer passes almost no signal. If it is a freshly initialised head or a "
+        "pooler (e.g. BERT's), keep it dense with exclude=[regex, ...]",
+        stacklevel=4,  # the caller of prune(), past the inference-mode wrapper
+    )
+
+
+def _dense_layers(model: nn.Module, targets: Mapping[str, Target]) -> dict[str, int]:
+    """The weights `find_targets` finds in `model` with no exclusion but `targets` leaves out: name -> size."""
+    every = find_targets(model, GroupSpec(lambda name: SINGLE_GROUP, (), (), "every prunable layer"))
+    return {name: t.param.numel() for name, t in every.items() if name not in targets}
 
 
 def _check_seen(num_batches: int, calls: dict[str, int], method: str) -> None:
@@ -206,20 +352,31 @@ def _iterative_snip(
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """IterSNIP: T rounds at sparsity 1 - (1 - s)^((t+1)/T), zeroing weights between rounds.
 
-    Each round consumes the next slice of the (cycled) calibration batches. The model's weights
-    are restored when done, so only the returned scores carry the result.
+    The calibration batches (the first `num_batches`) are split over the rounds, each round taking
+    the next slice, so every batch is used once; with fewer batches than rounds they are reused so
+    that each round has one. Data without a length (a generator, a DataLoader over an
+    IterableDataset) is counted first: a one-shot iterator is kept in a list, any other iterable is
+    walked once more. The model's weights are restored when done, so only the scores carry the result.
     """
-    originals = {name: t.param.detach().clone() for name, t in targets.items()}
-    total = num_batches if num_batches is not None else _length(calibration)
-    per_round = max(1, (total or rounds) // rounds)
     rank, world = shard if shard is not None else (0, 1)
-    stream = enumerate(_cycle(calibration))
+    presharded = distributed_sampler_shard(calibration)
+    if presharded is not None:  # already this rank's share: its batch i is global batch i * world + rank
+        sampler_rank, sampler_world = presharded
+        if num_batches is not None:
+            num_batches = max(0, -(-(num_batches - sampler_rank) // sampler_world))
+        rank, world = 0, 1
+    source = _replayable(calibration, num_batches)
+    total = _count_batches(source, num_batches)
+    if total == 0:
+        raise ValueError("method 'itersnip': the calibration data yielded no batches (empty loader?)")
+    originals = {name: t.param.detach().clone() for name, t in targets.items()}
+    stream = enumerate(_cycle(source, total))
     seen = 0
     scores: dict[str, Tensor] = {}
     try:
-        for t in range(rounds):
+        for t, size in enumerate(_round_sizes(total, rounds)):
             round_sparsity = 1.0 - (1.0 - sparsity) ** ((t + 1) / rounds)
-            chunk = itertools.islice(stream, per_round)
+            chunk = itertools.islice(stream, size)
             batches = ((i, b) for i, b in chunk if i % world == rank)
             stats = collect_gradients(
                 model, targets, calibration, loss, reduce=reduce, transfer=transfer, progress=progress, batches=batches
@@ -236,19 +393,32 @@ def _iterative_snip(
     return scores, {"num_batches": seen, "rounds": rounds}
 
 
-def _length(calibration: Iterable[Batch]) -> int | None:
+def _replayable(calibration: Iterable[Batch], num_batches: int | None) -> Iterable[Batch]:
+    """An iterable that can be walked again: a one-shot iterator (generator) becomes a list of its first batches."""
+    if isinstance(calibration, Iterator):
+        return list(itertools.islice(calibration, num_batches))
+    return calibration
+
+
+def _count_batches(calibration: Iterable[Batch], num_batches: int | None) -> int:
+    """How many batches will be used: its length (at most `num_batches`), or one counting pass without one."""
     try:
-        return len(calibration)  # type: ignore[arg-type]
+        total = len(calibration)  # type: ignore[arg-type]
     except TypeError:
-        return None
+        return sum(1 for _ in itertools.islice(calibration, num_batches))
+    return total if num_batches is None else min(total, num_batches)
 
 
-def _cycle(calibration: Iterable[Batch]):
-    """Yield the batches again and again (a one-shot iterator is materialised once); stops if empty."""
-    source = list(calibration) if iter(calibration) is calibration else calibration
+def _round_sizes(total: int, rounds: int) -> list[int]:
+    """Batches per round: `total` split as evenly as possible, at least one each."""
+    return [max(1, (t + 1) * total // rounds - t * total // rounds) for t in range(rounds)]
+
+
+def _cycle(calibration: Iterable[Batch], total: int) -> Iterator[Batch]:
+    """The first `total` batches again and again; stops if a pass yields none."""
     while True:
         empty = True
-        for batch in source:
+        for batch in itertools.islice(calibration, total):
             empty = False
             yield batch
         if empty:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -12,8 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from .allocation import compute_masks
+from .targets import find_targets, resolve_modalities
 
 FORMAT = "mflightning-masks/1"
+# How many names an error or a warning lists before giving only the count.
+SHOWN = 5
 
 
 @dataclass
@@ -22,6 +27,12 @@ class PruningResult:
 
     `scores` and `magnitudes` are kept (on CPU) only when the run asked for them; they allow
     `.at(sparsity)` to re-threshold without recalibrating.
+
+    Every sparsity figure counts the masked weights only. `exclude` holds the run's own `exclude`
+    regexes (on the pruned model's names; a preset's exclusions come with `preset`), and
+    `dense_layers` the prunable weights the run left dense (name -> number of weights; None when
+    unknown, e.g. a file written before it was recorded), so the figures can say what they leave out.
+    `source` is the file the result was loaded from, for error messages.
     """
 
     masks: dict[str, Tensor]
@@ -35,6 +46,9 @@ class PruningResult:
     scores: dict[str, Tensor] | None = None
     magnitudes: dict[str, Tensor] | None = None
     version: str = ""
+    exclude: tuple[str, ...] = ()
+    dense_layers: dict[str, int] | None = None
+    source: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not self.version:
@@ -68,12 +82,41 @@ class PruningResult:
             kept[g] = kept.get(g, 0) + int(m.sum())
         return {g: 1.0 - kept[g] / total[g] for g in total}
 
+    @property
+    def num_layers(self) -> int:
+        """How many layers the sparsity figures count (the masked ones)."""
+        return len(self.masks)
+
+    @property
+    def num_weights(self) -> int:
+        """How many weights the sparsity figures count (those of the masked layers)."""
+        return sum(m.numel() for m in self.masks.values())
+
+    def coverage(self) -> str:
+        """What the sparsity figures count and what they leave out, in words."""
+        counted = f"over {self.num_layers} masked layers / {self.num_weights:,d} weights"
+        if self.dense_layers is None:
+            return counted + " (the masked layers only; layers left dense were not recorded)"
+        if not self.dense_layers:
+            return counted + " (every prunable layer of the pruned model)"
+        dense = sum(self.dense_layers.values())
+        return (
+            f"{counted}; {len(self.dense_layers)} prunable layer(s) / {dense:,d} weights left dense "
+            f"(exclude) are not counted"
+        )
+
+    def summary(self) -> str:
+        """One line: method, allocation, target and realised sparsity, and what the figure counts."""
+        return (
+            f"method={self.method} allocation={self.allocation} invert={self.invert} "
+            f"target={self.target_sparsity:.4f} realised={self.sparsity:.4f} {self.coverage()}"
+        )
+
     def report(self) -> str:
-        """A per-layer and per-group table of sizes and realised sparsity."""
+        """A per-layer and per-group table of sizes and realised sparsity, under the summary line."""
         width = max(len(n) for n in self.masks) if self.masks else 10
         lines = [
-            f"method={self.method} allocation={self.allocation} invert={self.invert} "
-            f"target={self.target_sparsity:.4f} realised={self.sparsity:.4f}",
+            self.summary(),
             f"{'layer':<{width}}  {'group':<8} {'shape':>14} {'weights':>11} {'sparsity':>8}",
         ]
         for name, m in self.masks.items():
@@ -88,16 +131,32 @@ class PruningResult:
             names = [n for n in self.masks if self.groups[n] == g]
             numel = sum(self.masks[n].numel() for n in names)
             lines.append(f"{g:<8} {len(names):>6} {numel:>13,d} {s:>8.4f}")
-        total = sum(m.numel() for m in self.masks.values())
-        lines.append(f"{'total':<8} {len(self.masks):>6} {total:>13,d} {self.sparsity:>8.4f}")
+        lines.append(f"{'total':<8} {self.num_layers:>6} {self.num_weights:>13,d} {self.sparsity:>8.4f}")
+        if self.dense_layers:
+            shown = ", ".join(list(self.dense_layers)[:SHOWN])
+            more = f" and {len(self.dense_layers) - SHOWN} more" if len(self.dense_layers) > SHOWN else ""
+            lines.append(f"{'dense':<8} {len(self.dense_layers):>6} {sum(self.dense_layers.values()):>13,d}"
+                         f"   not counted: {shown}{more}")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ re-threshold
     def at(self, sparsity: float) -> "PruningResult":
-        """A new result at another sparsity from the stored scores (no recalibration)."""
+        """A new result at another sparsity from the stored scores (no recalibration).
+
+        IterSNIP refuses any sparsity but its own: its scores are those of the last of rounds whose
+        schedule was set by the original sparsity. The weights earlier rounds zeroed score 0 and
+        ties are pruned, so any threshold prunes at least what those rounds did (a lower sparsity is
+        not reachable), and a higher one would not be IterSNIP's schedule either.
+        """
         from .engine import check_sparsity
 
-        check_sparsity(sparsity)
+        sparsity = check_sparsity(sparsity)
+        if self.method == "itersnip" and not math.isclose(sparsity, self.target_sparsity, rel_tol=0.0, abs_tol=1e-12):
+            raise ValueError(
+                f"{self._where()}: IterSNIP masks cannot be re-thresholded from sparsity {self.target_sparsity} "
+                f"to {sparsity}: its scores depend on the round schedule of the original sparsity; re-run "
+                f"prune(method='itersnip', sparsity={sparsity})"
+            )
         if self.scores is None:
             raise ValueError(
                 "this PruningResult holds no scores (a mask-only file?); prune with keep_scores=True "
@@ -109,43 +168,108 @@ class PruningResult:
         return replace(self, masks=masks, target_sparsity=sparsity)
 
     # ------------------------------------------------------------------ model
-    def masks_for(self, model: nn.Module) -> dict[str, Tensor]:
-        """The masks keyed by `model`'s parameter names, checked against their shapes.
+    def masks_for(
+        self,
+        model: nn.Module,
+        *,
+        prefix: str | None = None,
+        exclude: Iterable[str] = (),
+        partial: bool = False,
+    ) -> dict[str, Tensor]:
+        """The masks keyed by `model`'s parameter names, checked against their shapes and coverage.
 
         Handles a common prefix between the names the masks were computed on and the model's
         (a mask file of a bare backbone applied to a task module holding it as `backbone`), and
         the preset's `inherit` rules (a layer copy taking the mask of the layer it was copied from).
+
+        Args:
+            prefix: what the model puts in front of the mask names ("" for nothing); needed when the
+                model holds several copies of the masked layers (`teacher.*`, `student.*`). None
+                finds it: the exact names when they all exist, else the one prefix that fits.
+            exclude: regexes of the model's layers kept dense on purpose (besides the preset's and
+                the pruning run's own exclusions), so the coverage check does not ask for them.
+            partial: allow masks that cover only some of the model's prunable layers; by default
+                that is an error, since the uncovered layers stay dense and every sparsity figure
+                would silently count the masked layers only.
         """
         params = dict(model.named_parameters())
-        mapping = _match_names(list(self.masks), params)
-        resolved = {mapping[name]: mask for name, mask in self.masks.items()}
+        strip, add = _match_names(list(self.masks), params, prefix, self._where())
+        resolved = {add + name[len(strip):]: mask for name, mask in self.masks.items()}
         preset_name = getattr(model, "pruning_preset", None) or self.preset
         if preset_name:
-            from .presets import get_preset
-
-            for pattern, replacement in get_preset(preset_name).inherit:
-                regex = re.compile(pattern)
-                for name in params:
-                    if name in resolved or not regex.search(name):
-                        continue
-                    source = regex.sub(replacement, name)
-                    if source in resolved:
-                        resolved[name] = resolved[source]
+            _add_inherited(preset_name, params, resolved)
         for name, mask in resolved.items():
             shape = tuple(params[name].shape)
             if tuple(mask.shape) != shape:
                 raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)} but the model's parameter has {shape}")
+        if not partial:
+            self._check_coverage(model, resolved, preset_name, tuple(exclude), strip, add)
         return resolved
 
-    def apply(self, model: nn.Module) -> dict[str, Tensor]:
-        """Zero the pruned weights of `model` in place; returns the masks keyed by its parameter names."""
-        resolved = self.masks_for(model)
+    def apply(
+        self,
+        model: nn.Module,
+        *,
+        prefix: str | None = None,
+        exclude: Iterable[str] = (),
+        partial: bool = False,
+    ) -> dict[str, Tensor]:
+        """Zero the pruned weights of `model` in place; returns the masks keyed by its parameter names.
+
+        `prefix`, `exclude` and `partial` are those of `masks_for`.
+        """
+        resolved = self.masks_for(model, prefix=prefix, exclude=exclude, partial=partial)
         apply_masks(model, resolved)
         return resolved
 
+    def _check_coverage(
+        self,
+        model: nn.Module,
+        resolved: Mapping[str, Tensor],
+        preset: str | None,
+        exclude: tuple[str, ...],
+        strip: str,
+        add: str,
+    ) -> None:
+        """Raise, naming them, if prunable layers of `model` get no mask.
+
+        The prunable layers are those `prune(model, modalities=preset, exclude=exclude)` would
+        mask, less the pruning run's own exclusions: its `exclude` regexes are matched against the
+        model's names and against those names taken back to the masks' naming (prefix undone).
+        """
+        own = [re.compile(p) for p in self.exclude]
+
+        def excluded_by_the_run(name: str) -> bool:
+            names = [name]
+            if name.startswith(add):
+                names.append(strip + name[len(add):])
+            return any(p.search(n) for p in own for n in names)
+
+        prunable = prunable_layers(model, preset, exclude)
+        uncovered = [n for n in prunable if n not in resolved and not excluded_by_the_run(n)]
+        if not uncovered:
+            return
+        shown = uncovered[:SHOWN]
+        more = f" and {len(uncovered) - SHOWN} more" if len(uncovered) > SHOWN else ""
+        raise ValueError(
+            f"{self._where()} cover only part of the model: {len(uncovered)} of its {len(prunable)} prunable "
+            f"layers get no mask ({shown}{more}), so they would stay dense and be left out of every sparsity "
+            "figure; pass exclude=[regex, ...] for layers kept dense on purpose, or partial=True to apply "
+            "these masks anyway"
+        )
+
+    def _where(self) -> str:
+        """How errors name these masks: by their file when loaded from one."""
+        return f"the masks of {self.source!r}" if self.source else "the masks"
+
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike, include_scores: bool = False) -> Path:
-        """Write a safetensors file: masks (+ scores/magnitudes if asked) and JSON metadata."""
+        """Write a safetensors file: masks (+ scores/magnitudes if asked) and JSON metadata.
+
+        The file is written under a temporary name in the same folder and then renamed over
+        `path` (`os.replace`, atomic), so an interrupted save never leaves a truncated file where a
+        good one was, nor a temporary file behind.
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -171,8 +295,20 @@ class PruningResult:
             "group_sparsity": json.dumps(self.group_sparsity()),
             "calibration": json.dumps(self.calibration),
             "version": self.version,
+            "exclude": json.dumps(list(self.exclude)),
+            "counted": json.dumps({"layers": self.num_layers, "weights": self.num_weights}),
         }
-        save_file(tensors, str(path), metadata=metadata)
+        if self.dense_layers is not None:
+            metadata["dense_layers"] = json.dumps(self.dense_layers)
+        # a hidden name in the same folder, so the rename stays on one file system
+        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            save_file(tensors, str(temporary), metadata=metadata)
+            with open(temporary, "rb") as handle:  # on disk before it replaces the old file
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -197,6 +333,7 @@ class PruningResult:
         magnitudes = {k[10:]: v for k, v in tensors.items() if k.startswith("magnitude/")} or None
         if set(masks) != set(groups):
             raise ValueError(f"{str(path)!r}: masks and group metadata name different layers")
+        dense_layers = metadata.get("dense_layers")
         return cls(
             masks=masks,
             groups=groups,
@@ -209,24 +346,104 @@ class PruningResult:
             scores=scores,
             magnitudes=magnitudes,
             version=metadata.get("version", ""),
+            exclude=tuple(json.loads(metadata.get("exclude", "[]"))),
+            dense_layers=None if dense_layers is None else json.loads(dense_layers),
+            source=str(path),
         )
 
 
+def prunable_layers(model: nn.Module, preset: str | None, exclude: Iterable[str] = ()) -> list[str]:
+    """Names of the weights `prune(model, modalities=preset, exclude=exclude)` would mask.
+
+    Only the names matter here, so a layer the preset gives no group still counts as prunable
+    (prune() would refuse it, naming it; here it is reported as uncovered instead).
+    """
+    spec = resolve_modalities(model, preset, exclude)
+    any_group = replace(spec, assign=lambda name: spec.assign(name) or "unassigned")
+    try:
+        return list(find_targets(model, any_group))
+    except ValueError as err:
+        if "no prunable" in str(err):  # nothing left to cover (no layer, or every one excluded)
+            return []
+        raise
+
+
 def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
-    """Zero, in place, the entries of each named parameter where its mask is False."""
+    """Zero, in place, the entries of each named parameter where its mask is False.
+
+    A parameter that is an inference tensor (the model was built under `torch.inference_mode()`)
+    can only be written inside inference mode, so it is zeroed there.
+    """
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, mask in masks.items():
             param = params[name]
-            param.mul_(mask.to(param.device))
+            if param.is_inference() and not torch.is_inference_mode_enabled():
+                with torch.inference_mode():
+                    param.mul_(mask.to(param.device))
+            else:
+                param.mul_(mask.to(param.device))
 
 
-def _match_names(names: list[str], params: Mapping[str, Tensor]) -> dict[str, str]:
-    """Map mask names onto the model's parameter names, allowing one common prefix added or stripped."""
-    if all(n in params for n in names):
-        return {n: n for n in names}
-    candidates: list[tuple[str, str]] = []  # (prefix to strip from the mask name, prefix to add)
-    probe = names[0]
+def _add_inherited(preset_name: str, params: Mapping[str, Tensor], resolved: dict[str, Tensor]) -> None:
+    """Give parameters without a mask the mask the preset's `inherit` rules name (a copy takes its source's)."""
+    from .presets import get_preset
+
+    for pattern, replacement in get_preset(preset_name).inherit:
+        regex = re.compile(pattern)
+        for name in params:
+            if name in resolved or not regex.search(name):
+                continue
+            source = regex.sub(replacement, name)
+            if source in resolved:
+                resolved[name] = resolved[source]
+
+
+def _match_names(
+    names: list[str], params: Mapping[str, Tensor], prefix: str | None = None, where: str = "the masks"
+) -> tuple[str, str]:
+    """How mask names become the model's parameter names: `(strip, add)`, name -> add + name[len(strip):].
+
+    Exact names win. Otherwise every way of stripping a leading part of the mask names and/or
+    adding a prefix is tried, and exactly one distinct mapping must fit all names: a model holding
+    two copies of the masked layers (`teacher.*`, `student.*`) is an error naming the candidates,
+    never a silent pick of the first. `prefix` settles it: the masks get `prefix` in front (after
+    stripping a leading part of theirs, if only that fits).
+    """
+    if not names:
+        return "", prefix or ""
+    if prefix is not None:
+        if all(prefix + n in params for n in names):
+            return "", prefix
+        pairs = [pair for pair in _candidate_pairs(names[0], params) if pair[1] == prefix]
+    elif all(n in params for n in names):
+        return "", ""
+    else:
+        pairs = _candidate_pairs(names[0], params)
+    fitting: dict[tuple[str, ...], tuple[str, str]] = {}
+    for strip, add in dict.fromkeys(pairs):
+        if all(n.startswith(strip) and add + n[len(strip):] in params for n in names):
+            fitting.setdefault(tuple(add + n[len(strip):] for n in names), (strip, add))
+    if len(fitting) == 1:
+        return next(iter(fitting.values()))
+    if len(fitting) > 1:
+        shown = [_describe(pair) for pair in fitting.values()]
+        raise ValueError(
+            f"{where} match the model under {len(fitting)} different name prefixes ({', '.join(shown)}): "
+            "it holds several copies of the masked layers; pass prefix= (what the model puts in front "
+            "of the mask names, '' for nothing) to say which copy to mask"
+        )
+    missing = [n for n in names if (prefix or "") + n not in params]
+    with_prefix = f" with prefix {prefix!r}" if prefix else ""
+    raise ValueError(
+        f"{where} do not match the model: {len(missing)} of {len(names)} mask names{with_prefix} are not "
+        f"parameters of it (first: {missing[:3]}), and no common name prefix fixes that"
+    )
+
+
+def _candidate_pairs(probe: str, params: Mapping[str, Tensor]) -> list[tuple[str, str]]:
+    """(prefix to strip from the mask names, prefix to add) pairs under which `probe` names a parameter."""
+    candidates: list[tuple[str, str]] = []
     for pname in params:
         if pname.endswith("." + probe):
             candidates.append(("", pname[: -len(probe)]))
@@ -238,16 +455,9 @@ def _match_names(names: list[str], params: Mapping[str, Tensor]) -> dict[str, st
         for pname in params:
             if pname.endswith("." + stripped) and pname != stripped:
                 candidates.append((".".join(parts[:i]) + ".", pname[: -len(stripped)]))
-    for strip, add in dict.fromkeys(candidates):
-        mapped = {}
-        for n in names:
-            if not n.startswith(strip) or (add + n[len(strip):]) not in params:
-                break
-            mapped[n] = add + n[len(strip):]
-        else:
-            return mapped
-    missing = [n for n in names if n not in params]
-    raise ValueError(
-        f"masks do not match the model: {len(missing)} of {len(names)} mask names are not parameters of it "
-        f"(first: {missing[:3]}), and no common name prefix fixes that"
-    )
+    return candidates
+
+
+def _describe(pair: tuple[str, str]) -> str:
+    strip, add = pair
+    return f"{add!r} in place of {strip!r}" if strip else repr(add)
