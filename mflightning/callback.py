@@ -1,49 +1,80 @@
 """MultiFlowCallback: prune once when fitting starts and keep the pruned weights at zero.
 
-The callback is thin glue between Lightning and `mflightning.pruning`: it finds calibration
-data, shards it over processes, applies the masks, and keeps pruned weights at exactly zero
-through fine-tuning by zeroing their gradients before every optimizer step (so clipping and
-optimizer state see a sparse gradient) and their values after every real optimizer step (so
-weight decay and momentum cannot revive them). No mask is multiplied in the forward pass and
-no copy of the weights is kept; the only extra memory is one bool per prunable weight.
+The callback is thin glue between Lightning and `mflightning.pruning`: it finds calibration data,
+shards it over processes (reductions go through the Trainer's strategy), decides where the masks
+come from (a checkpoint, a given file or result, or calibration) and hands them to a
+`MaskKeeper`, which keeps pruned weights at exactly zero through fine-tuning: gradients are zeroed
+before every optimizer step (so clipping and optimizer state see a sparse gradient) and values
+after every real optimizer step (so weight decay and momentum cannot revive them). No mask is
+multiplied in the forward pass and no copy of the weights is kept: the only extra memory is one
+bool per local prunable weight.
+
+Supported strategies: one device, DDP (every start method), and FSDP2 through
+`ModelParallelStrategy` (`fully_shard` in `configure_model`; masks are sharded like their
+parameters). Others stop in `setup` with an error naming the strategy.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    SingleDeviceXLAStrategy,
+    XLAStrategy,
+)
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from .pruning import PruningResult, check_method, check_sparsity, prune
 from .pruning.presets import GroupMap
+from .pruning.stats import default_forward
+from .pruning.upkeep import MaskKeeper
+
+SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)
+# subclasses of the supported ones whose parameter layout the masks cannot follow (or nobody verified):
+# DeepSpeed ZeRO partitions flat buffers, FSDP1 flattens parameters, XLA was never run
+REFUSED_STRATEGIES = (DeepSpeedStrategy, FSDPStrategy, XLAStrategy, SingleDeviceXLAStrategy)
 
 
 class MultiFlowCallback(Callback):
     """Prune `pl_module` with MultiFlow (or a baseline) in `on_fit_start` and keep it sparse.
 
     Args:
-        sparsity: fraction of the prunable weights to remove, in [0, 1).
+        sparsity: fraction of the prunable weights to remove, in [0, 1). With `masks=`, a sparsity
+            that differs from the file's re-thresholds the file's stored scores (an error when it
+            holds none); None applies the masks as they are.
         method: `multiflow` (default) or a baseline: `omp`, `lamp`, `random`, `wanda`, `snip`, `itersnip`.
         calibration: any iterable of batches (DataLoader, list); None uses the datamodule's
             `calibration_dataloader()`.
         num_batches: use only the first N calibration batches (None: all).
         modalities: None (the module's `pruning_preset`, else one group), a preset name, a mapping
             group -> regex, or a callable name -> group.
-        exclude: regexes of parameter names that stay dense.
+        exclude: regexes of parameter names that stay dense (e.g. a task head: `r"^head\\."`).
         token_mask: `fn(batch) -> (B, L)` mask of real tokens; default `batch["attention_mask"]`.
         allocation: None (the method's own), `modality`, `magnitude`, `global`, `layer` or `row`.
         invert: keep the lowest scores (sanity-check ablation).
         masks: a mask file path or a PruningResult to apply instead of calibrating.
-        save_masks: path to write the computed masks (rank 0 only).
+        save_masks: path to write the computed masks (rank 0 only; written atomically).
+        save_scores: also store the scores in `save_masks`, so the file can be re-thresholded.
         forward: `fn(model, batch)` for calibration when the module has no `calibration_step`.
         loss: `fn(model, batch) -> scalar` for gradient methods; default `pl_module.pruning_loss(batch)`.
         seed: seed of the random baseline.
         rounds: IterSNIP rounds.
+        image_groups: groups whose inputs are image tokens, never PAD-filtered (None: the preset's).
+        prune_tied_embeddings: also prune Linear weights tied to an nn.Embedding (dense by default).
+        partial_masks: allow a mask file that leaves some prunable layers of the module uncovered.
+        mask_prefix: put this prefix in front of the mask names (when the module holds several
+            copies of the masked model, e.g. `"student."`); None: found automatically.
     """
 
     def __init__(
@@ -59,15 +90,21 @@ class MultiFlowCallback(Callback):
         invert: bool = False,
         masks: str | os.PathLike | PruningResult | None = None,
         save_masks: str | os.PathLike | None = None,
+        save_scores: bool = False,
         forward: Callable[[nn.Module, Any], Any] | None = None,
         loss: Callable[[nn.Module, Any], Tensor] | None = None,
         seed: int = 0,
         rounds: int = 10,
+        image_groups: Iterable[str] | None = None,
+        prune_tied_embeddings: bool = False,
+        partial_masks: bool = False,
+        mask_prefix: str | None = None,
     ) -> None:
+        if sparsity is not None:
+            sparsity = check_sparsity(sparsity)
         if masks is None:
             if sparsity is None:
                 raise ValueError("MultiFlowCallback needs a sparsity (or masks= to apply existing masks)")
-            check_sparsity(sparsity)
             check_method(method, allocation)
         elif not isinstance(masks, (str, os.PathLike, PruningResult)):
             raise TypeError(f"masks must be a path or a PruningResult, got {type(masks)!r}")
@@ -84,23 +121,44 @@ class MultiFlowCallback(Callback):
         self.invert = invert
         self.masks = masks
         self.save_masks = save_masks
+        self.save_scores = save_scores
         self.forward = forward
         self.loss = loss
         self.seed = seed
         self.rounds = rounds
-        self.result: PruningResult | None = None  # set when this callback pruned or loaded a result
-        self._kept: dict[str, Tensor] = {}  # parameter name -> bool, True = kept (on the param's device)
-        self._groups: dict[str, str] = {}
-        self._restored: dict[str, Any] | None = None  # state from a checkpoint, applied in on_fit_start
+        self.image_groups = None if image_groups is None else tuple(image_groups)
+        self.prune_tied_embeddings = prune_tied_embeddings
+        self.partial_masks = partial_masks
+        self.mask_prefix = mask_prefix
+        self.result: PruningResult | None = None  # the result applied to the current module
+        self._keeper: MaskKeeper | None = None
+        self._module: weakref.ref | None = None  # the module the keeper's masks belong to
+        self._restored: dict[str, Any] | None = None  # state from a checkpoint, applied when pruning
         self._handles: list[Any] = []
-        self._by_optimizer: dict[int, list[tuple[nn.Parameter, Tensor]]] = {}
-        self._params: dict[str, nn.Parameter] = {}
 
     # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Stop early, naming the strategy, when masks could not be kept exact under it."""
+        strategy = trainer.strategy
+        if isinstance(strategy, REFUSED_STRATEGIES) or not isinstance(strategy, SUPPORTED_STRATEGIES):
+            raise RuntimeError(
+                f"MultiFlowCallback does not support the {type(strategy).__name__} strategy: use one device, "
+                "DDP (strategy='ddp') or FSDP2 (ModelParallelStrategy with fully_shard in configure_model)"
+            )
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Apply restored or given masks, or calibrate and prune; then watch every optimizer."""
-        self._ensure_pruned(trainer, pl_module)
+        """Apply restored or given masks, or calibrate and prune; then watch every optimizer.
+
+        Strategies that restore a checkpoint only after `on_fit_start` (FSDP2) prune at the first of
+        `on_validation_start` / `on_train_start` instead, so a resumed run finds its masks restored.
+        """
+        if not trainer.strategy.restore_checkpoint_after_setup:
+            self._ensure_pruned(trainer, pl_module)
         self._watch_optimizers(trainer)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Prune now if `on_fit_start` waited for the checkpoint to be restored."""
+        self._ensure_pruned(trainer, pl_module)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """`trainer.validate` without fitting still evaluates the pruned model."""
@@ -116,11 +174,8 @@ class MultiFlowCallback(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         """Zero the gradients of pruned weights, before gradient clipping and the step."""
-        for param, kept in self._pairs(optimizer):
-            if param.grad is not None:
-                # multiplying by the bool mask is ~4x faster than masked_fill_ on CPU; a non-finite
-                # gradient at a pruned entry turns into NaN, which AMP's scaler skips like any inf
-                param.grad.mul_(kept)
+        if self._keeper is not None:
+            self._keeper.zero_gradients(optimizer)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Stop watching the optimizers."""
@@ -131,79 +186,112 @@ class MultiFlowCallback(Callback):
         self._unwatch()
 
     def state_dict(self) -> dict[str, Any]:
-        """Masks (True = kept, on CPU) and groups, so a resumed run needs no recalibration."""
-        if not self._kept:
+        """Full masks (True = kept, on CPU), groups and sparsity, so a resumed run needs no recalibration.
+
+        Sharded masks are gathered, so under FSDP2 every rank must call this (Lightning does).
+        """
+        if self._keeper is None:
             return {}
         return {
-            "masks": {name: kept.cpu() for name, kept in self._kept.items()},
-            "groups": dict(self._groups),
+            "masks": self._keeper.full_masks(),
+            "groups": dict(self._keeper.groups),
             "method": self.result.method if self.result else self.method,
+            "target_sparsity": self.result.target_sparsity if self.result else self.sparsity,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Keep the checkpoint's masks until `on_fit_start` applies them."""
+        """Keep the checkpoint's masks until pruning time applies them."""
         if state_dict.get("masks"):
             self._restored = state_dict
 
     # ------------------------------------------------------------------ queries
     @property
     def kept_masks(self) -> dict[str, Tensor]:
-        """Parameter name -> bool tensor, True where the weight is kept."""
-        return self._kept
+        """Parameter name -> bool tensor, True where the weight is kept (this process's shard under FSDP2)."""
+        return self._keeper.masks if self._keeper is not None else {}
 
-    def measured_sparsity(self, pl_module: nn.Module) -> dict[str, float]:
-        """Fraction of exact zeros in the masked weights, overall and per group (reads the weights)."""
-        params = dict(pl_module.named_parameters())
-        zeros: dict[str, int] = {}
-        total: dict[str, int] = {}
-        for name in self._kept:
-            group = self._groups.get(name, "all")
-            w = params[name].detach()
-            zeros[group] = zeros.get(group, 0) + int((w == 0).sum())
-            total[group] = total.get(group, 0) + w.numel()
-        figures = {group: zeros[group] / total[group] for group in total}
-        figures["total"] = sum(zeros.values()) / max(1, sum(total.values()))
-        return figures
+    @property
+    def keeper(self) -> MaskKeeper | None:
+        """The MaskKeeper of the current module (None before pruning)."""
+        return self._keeper
+
+    def measured_sparsity(self, pl_module: nn.Module | None = None, reduce: Callable[[Tensor], Tensor] | None = None
+                          ) -> dict[str, float]:
+        """Fraction of exact zeros over the masked weights, per group and `total` (reads the weights).
+
+        The figures count only the layers that have a mask (`kept_masks`). `pl_module` is accepted for
+        compatibility; the masked module is the one pruned last.
+        """
+        if self._keeper is None:
+            return {"total": 0.0}
+        return self._keeper.measured_sparsity(reduce)
 
     # ------------------------------------------------------------------ internals
     def _ensure_pruned(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._kept:
+        current = self._module() if self._module is not None else None
+        if self._keeper is not None and current is pl_module:
             return
+        if self._keeper is not None:  # a second fit on another module: nothing of the first may leak
+            rank_zero_info("[mflightning] new module: pruning it afresh (the previous module's masks are dropped)")
+            self._keeper = None
+            self.result = None
         # validate/test hooks run under inference mode; masks must stay usable by a later fit
         with torch.inference_mode(False):
             self._prune_or_restore(trainer, pl_module)
+        self._module = weakref.ref(pl_module)
 
     def _prune_or_restore(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._restored is not None:
-            masks = {name: m.bool() for name, m in self._restored["masks"].items()}
+            restored, self._restored = self._restored, None  # used once: a later fit starts afresh
+            masks = {name: m.bool() for name, m in restored["masks"].items()}
             params = dict(pl_module.named_parameters())
             for name, mask in masks.items():
-                if name not in params or params[name].shape != mask.shape:
-                    raise ValueError(f"checkpoint mask {name!r} does not match the model's parameters")
-            self._groups = dict(self._restored.get("groups", {}))
+                if name not in params or tuple(params[name].shape) != tuple(mask.shape):
+                    raise ValueError(
+                        f"checkpoint mask {name!r} {tuple(mask.shape)} does not match the model's parameters "
+                        f"({'no such parameter' if name not in params else tuple(params[name].shape)})"
+                    )
+            groups = dict(restored.get("groups", {}))
+            saved = restored.get("target_sparsity")
+            if self.sparsity is not None and saved is not None and abs(self.sparsity - saved) > 1e-9:
+                rank_zero_warn(
+                    f"[mflightning] resuming: the checkpoint's masks (sparsity {saved}) apply, not sparsity="
+                    f"{self.sparsity}; start a new fit without ckpt_path to prune at another sparsity"
+                )
             source = "checkpoint"
         elif self.masks is not None:
-            self.result = self.masks if isinstance(self.masks, PruningResult) else PruningResult.load(self.masks)
-            if self.sparsity is not None and abs(self.sparsity - self.result.target_sparsity) > 1e-9:
-                rank_zero_warn(
-                    f"[mflightning] masks= given: applying their sparsity {self.result.target_sparsity} "
-                    f"({self.result.method}), not sparsity={self.sparsity}"
-                )
-            masks = self.result.masks_for(pl_module)
-            self._groups = _groups_for(self.result, masks)
+            self.result = self._given_result()
+            masks = self._masks_for(self.result, pl_module)
+            groups = _groups_for(self.result, masks)
             source = f"mask file {self.masks}" if not isinstance(self.masks, PruningResult) else "given result"
         else:
             self.result = self._calibrate_and_prune(trainer, pl_module)
-            masks = self.result.masks_for(pl_module)
-            self._groups = _groups_for(self.result, masks)
+            masks = self._masks_for(self.result, pl_module)
+            groups = _groups_for(self.result, masks)
             source = f"{self.result.method} calibration"
             if self.save_masks is not None and trainer.is_global_zero:
-                self.result.save(self.save_masks)
+                self.result.save(self.save_masks, include_scores=self.save_scores)
                 rank_zero_info(f"[mflightning] masks written to {self.save_masks}")
-        params = self._params = dict(pl_module.named_parameters())
-        self._kept = {name: mask.to(params[name].device) for name, mask in masks.items()}
-        self._zero_weights(self._kept.items(), params)
-        self._report(trainer, pl_module, source)
+        self._keeper = MaskKeeper(pl_module, masks, groups)
+        self._keeper.zero_weights()
+        self._report(trainer, source)
+
+    def _given_result(self) -> PruningResult:
+        """The `masks=` result, re-thresholded at `sparsity` when that differs from its own."""
+        result = self.masks if isinstance(self.masks, PruningResult) else PruningResult.load(self.masks)
+        if self.sparsity is None or abs(self.sparsity - result.target_sparsity) < 1e-9:
+            return result
+        if result.scores is None:
+            raise ValueError(
+                f"sparsity={self.sparsity} differs from the {result.target_sparsity} of masks={self.masks!s}, "
+                "which holds no scores to re-threshold: save it with scores (save_scores=True, or the "
+                "scores.safetensors of `mflightning prune`), or leave sparsity=None"
+            )
+        rank_zero_info(f"[mflightning] re-thresholding the stored scores at sparsity {self.sparsity}")
+        return result.at(self.sparsity)
+
+    def _masks_for(self, result: PruningResult, pl_module: nn.Module) -> dict[str, Tensor]:
+        return result.masks_for(pl_module, partial=self.partial_masks, prefix=self.mask_prefix, exclude=self.exclude)
 
     def _calibrate_and_prune(self, trainer: Trainer, pl_module: LightningModule) -> PruningResult:
         calibration = self.calibration
@@ -212,12 +300,14 @@ class MultiFlowCallback(Callback):
             if datamodule is not None and hasattr(datamodule, "calibration_dataloader"):
                 calibration = datamodule.calibration_dataloader()
         if hasattr(pl_module, "calibration_step"):
-            forward = lambda model, batch: model.calibration_step(batch)  # noqa: E731
+            forward = _named(lambda model, batch: model.calibration_step(batch), "pl_module.calibration_step(batch)")
+        elif self.forward is not None:
+            forward = _named(self.forward, f"forward={_qualname(self.forward)}")
         else:
-            forward = self.forward
+            forward = _named(default_forward, "pl_module(**batch) / pl_module(batch)")
         loss = self.loss
         if loss is None and hasattr(pl_module, "pruning_loss"):
-            loss = lambda model, batch: model.pruning_loss(batch)  # noqa: E731
+            loss = _named(lambda model, batch: model.pruning_loss(batch), "pl_module.pruning_loss(batch)")
         precision = trainer.precision_plugin
 
         def in_precision(fn):
@@ -228,17 +318,16 @@ class MultiFlowCallback(Callback):
                 with precision.forward_context():
                     return fn(model, batch)
 
-            return wrapped
-
-        from .pruning.stats import default_forward
+            return _named(wrapped, _qualname(fn))
 
         world = trainer.world_size
+        strategy = trainer.strategy
         return prune(
             pl_module,
             sparsity=self.sparsity,  # type: ignore[arg-type]
             method=self.method,
             calibration=calibration,
-            forward=in_precision(forward or default_forward),
+            forward=in_precision(forward),
             modalities=self.modalities,
             exclude=self.exclude,
             token_mask=self.token_mask,
@@ -248,11 +337,13 @@ class MultiFlowCallback(Callback):
             loss=in_precision(loss),
             seed=self.seed,
             rounds=self.rounds,
-            keep_scores=False,
+            keep_scores=self.save_scores,
             progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
             shard=(trainer.global_rank, world) if world > 1 else None,
-            reduce=_all_reduce_sum if world > 1 else None,
-            transfer=lambda batch: trainer.strategy.batch_to_device(batch),
+            reduce=(lambda t: strategy.reduce(t, reduce_op="sum")) if world > 1 else None,
+            transfer=lambda batch: strategy.batch_to_device(batch),
+            image_groups=self.image_groups,
+            prune_tied_embeddings=self.prune_tied_embeddings,
         )
 
     def _watch_optimizers(self, trainer: Trainer) -> None:
@@ -264,53 +355,51 @@ class MultiFlowCallback(Callback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._by_optimizer = {}
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Runs after every real optimizer step (a step skipped by the AMP scaler never calls it)."""
-        with torch.no_grad():
-            for param, kept in self._pairs(optimizer):
-                param.mul_(kept)
+        if self._keeper is not None:
+            self._keeper.zero_weights(optimizer)
 
-    def _pairs(self, optimizer: Any) -> list[tuple[nn.Parameter, Tensor]]:
-        """(parameter, kept mask) for the masked parameters this optimizer updates (cached)."""
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # unwrap LightningOptimizer
-        key = id(optimizer)
-        if key not in self._by_optimizer:
-            by_id = {id(p): p for group in optimizer.param_groups for p in group["params"]}
-            params = self._params
-            self._by_optimizer[key] = [
-                (params[name], kept) for name, kept in self._kept.items() if id(params[name]) in by_id
-            ]
-        return self._by_optimizer[key]
-
-    @staticmethod
-    def _zero_weights(items: Iterable[tuple[str, Tensor]], params: Mapping[str, nn.Parameter]) -> None:
-        with torch.no_grad():
-            for name, kept in items:
-                params[name].mul_(kept)
-
-    def _report(self, trainer: Trainer, pl_module: LightningModule, source: str) -> None:
-        figures = self.measured_sparsity(pl_module)
+    def _report(self, trainer: Trainer, source: str) -> None:
+        keeper = self._keeper
+        assert keeper is not None
+        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if _sharded(keeper) else None
+        figures = keeper.measured_sparsity(reduce)
         metrics = {"pruning/sparsity": figures["total"]}
         metrics.update({f"pruning/sparsity_{g}": v for g, v in figures.items() if g != "total"})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        numel: dict[str, int] = {}
-        for name, kept in self._kept.items():
-            group = self._groups.get(name, "all")
-            numel[group] = numel.get(group, 0) + kept.numel()
-        lines = [f"[mflightning] pruned from {source}: {len(self._kept)} layers, sparsity {figures['total']:.4f}"]
+        numel = keeper.numel()
+        lines = [
+            f"[mflightning] pruned from {source}: sparsity {figures['total']:.4f} over the {len(keeper.masks)} "
+            f"masked layers ({sum(numel.values()):,d} weights; other parameters stay dense and are not counted)"
+        ]
         lines += [f"  {g:<10} {numel[g]:>13,d} weights  sparsity {figures[g]:.4f}" for g in numel]
         rank_zero_info("\n".join(lines))
 
 
-def _groups_for(result: PruningResult, masks: Mapping[str, Tensor]) -> dict[str, str]:
+def _groups_for(result: PruningResult, masks: dict[str, Tensor]) -> dict[str, str]:
     """Groups keyed by the model's names; an inherited layer shares its source's mask tensor, hence its group."""
     group_of_mask = {id(mask): result.groups[name] for name, mask in result.masks.items()}
     return {name: group_of_mask[id(mask)] for name, mask in masks.items()}
 
 
-def _all_reduce_sum(tensor: Tensor) -> Tensor:
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-    return tensor
+def _sharded(keeper: MaskKeeper) -> bool:
+    from .pruning.upkeep import is_dtensor
+
+    return any(is_dtensor(p) for p in keeper.params.values())
+
+
+def _named(fn: Callable, name: str) -> Callable:
+    """`fn` wrapped under a `__qualname__` that calibration errors quote (which forward failed)."""
+
+    def call(model: nn.Module, batch: Any) -> Any:
+        return fn(model, batch)
+
+    call.__qualname__ = call.__name__ = name
+    return call
+
+
+def _qualname(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)

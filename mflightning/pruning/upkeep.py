@@ -1,0 +1,180 @@
+"""Mask upkeep: keep pruned weights at exactly zero while a model trains. Pure torch, no Lightning.
+
+`MaskKeeper` holds one bool mask (True = kept) per pruned parameter and does the three things
+training needs, each with one fused multi-tensor call per (device, dtype) group:
+- `zero_gradients(optimizer)`: before a step (and before gradient clipping), so clipping and the
+  optimizer's state only ever see a sparse gradient;
+- `zero_weights(optimizer)`: after every real step (`attach` registers it as a step post-hook, so a
+  step the AMP scaler skips never calls it), so weight decay, momentum carried in a checkpoint or
+  any other write cannot revive a pruned weight;
+- `measured_sparsity()`: the exact zeros of the masked weights, per group.
+
+Parameters that join an optimizer at any time (`add_param_group`, Lightning's `BaseFinetuning`) are
+masked from their first step: an optimizer's parameter list is re-read whenever its groups change.
+Parameters sharded as DTensors (FSDP2 `fully_shard`) keep their mask sharded the same way (one byte
+per local weight); `full_masks()` gathers them (a collective: call it on every rank).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+try:  # torch >= 2.4
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - older torch without public DTensor
+    DTensor = None  # type: ignore[assignment,misc]
+    distribute_tensor = None  # type: ignore[assignment]
+
+ReduceFn = Callable[[Tensor], Tensor]
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """True for a `torch.distributed.tensor.DTensor` (a sharded FSDP2 parameter or gradient)."""
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def local(tensor: Tensor) -> Tensor:
+    """The tensor this process stores: the local shard of a DTensor, else the tensor itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole tensor: gathered for a DTensor (a collective), else the tensor itself."""
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
+
+
+def shard_like(mask: Tensor, param: Tensor) -> Tensor:
+    """This process's part of a full-shape `mask`, laid out like `param` (all of it unless a DTensor)."""
+    if tuple(mask.shape) != tuple(param.shape):
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the parameter's {tuple(param.shape)}")
+    if not is_dtensor(param):
+        return mask.to(param.device, torch.bool)
+    device = param.to_local().device
+    # every rank holds the same full mask, so each takes its own shard without communication
+    sharded = distribute_tensor(mask.to(device, torch.uint8), param.device_mesh, param.placements, src_data_rank=None)
+    return sharded.to_local().bool()
+
+
+class MaskKeeper:
+    """Pruned weights of `model` kept at exactly zero; see the module docstring.
+
+    Args:
+        model: the module whose parameters are masked (names as in `model.named_parameters()`).
+        masks: parameter name -> bool tensor of the parameter's full shape, True = kept.
+        groups: parameter name -> group name, for `measured_sparsity` (default: one group `all`).
+    """
+
+    def __init__(self, model: nn.Module, masks: Mapping[str, Tensor], groups: Mapping[str, str] | None = None):
+        params = dict(model.named_parameters())
+        unknown = [name for name in masks if name not in params]
+        if unknown:
+            raise ValueError(f"{len(unknown)} mask(s) name no parameter of the model (first: {unknown[:3]})")
+        self.params: dict[str, nn.Parameter] = {name: params[name] for name in masks}
+        self.masks: dict[str, Tensor] = {}
+        for name, mask in masks.items():
+            try:
+                self.masks[name] = shard_like(mask, params[name])
+            except ValueError as err:
+                raise ValueError(f"mask for {name!r}: {err}") from None
+        self.groups: dict[str, str] = {name: (groups or {}).get(name, "all") for name in masks}
+        self._by_optimizer: dict[int, tuple[tuple, list[tuple[nn.Parameter, Tensor]]]] = {}
+        self._handles: list[Any] = []
+
+    # ------------------------------------------------------------------ the exact part
+    def zero_weights(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Zero the pruned entries of the parameters `optimizer` updates (all masked ones if None)."""
+        pairs = self._pairs(optimizer) if optimizer is not None else list(zip(self.params.values(), self.masks.values()))
+        with torch.no_grad():
+            _fused_mul([(local(p), kept) for p, kept in pairs])
+
+    def zero_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Zero the gradients of pruned entries (parameters without a gradient are skipped)."""
+        pairs = self._pairs(optimizer) if optimizer is not None else list(zip(self.params.values(), self.masks.values()))
+        # a non-finite gradient at a pruned entry becomes NaN, which AMP's scaler skips like any inf
+        with torch.no_grad():
+            _fused_mul([(local(p.grad), kept) for p, kept in pairs if p.grad is not None])
+
+    # ------------------------------------------------------------------ optimizers
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Re-zero pruned weights after every real step of `optimizer` (a step post-hook)."""
+        optimizer = _unwrap(optimizer)
+        self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.zero_weights(opt)))
+
+    def detach(self) -> None:
+        """Remove every hook `attach` registered."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._by_optimizer = {}
+
+    def _pairs(self, optimizer: Any) -> list[tuple[nn.Parameter, Tensor]]:
+        """(parameter, local kept mask) for the masked parameters this optimizer updates now."""
+        optimizer = _unwrap(optimizer)
+        # the groups' list objects and lengths: `add_param_group` or a rebuilt group changes it
+        signature = tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
+        cached = self._by_optimizer.get(id(optimizer))
+        if cached is None or cached[0] != signature:
+            updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            pairs = [(p, self.masks[name]) for name, p in self.params.items() if id(p) in updated]
+            cached = self._by_optimizer[id(optimizer)] = (signature, pairs)
+        return cached[1]
+
+    # ------------------------------------------------------------------ figures and state
+    def measured_sparsity(self, reduce: ReduceFn | None = None) -> dict[str, float]:
+        """Fraction of exact zeros in the masked weights per group and `total` (reads the weights).
+
+        With sharded parameters pass `reduce` (an in-place sum over processes) to count every shard.
+        """
+        names = list(dict.fromkeys(self.groups.values()))
+        counts = torch.zeros(2 * len(names), dtype=torch.float64)
+        index = {g: i for i, g in enumerate(names)}
+        for name, param in self.params.items():
+            w = local(param.detach())
+            i = index[self.groups[name]]
+            counts[2 * i] += int((w == 0).sum())
+            counts[2 * i + 1] += w.numel()
+        if reduce is not None:
+            device = next(iter(self.masks.values())).device if self.masks else torch.device("cpu")
+            counts = reduce(counts.to(device)).cpu()
+        figures = {g: float(counts[2 * i] / max(1.0, float(counts[2 * i + 1]))) for g, i in index.items()}
+        figures["total"] = float(counts[0::2].sum() / max(1.0, float(counts[1::2].sum())))
+        return figures
+
+    def numel(self) -> dict[str, int]:
+        """Masked weights per group (full, unsharded sizes)."""
+        sizes: dict[str, int] = {}
+        for name, param in self.params.items():
+            sizes[self.groups[name]] = sizes.get(self.groups[name], 0) + param.numel()
+        return sizes
+
+    def full_masks(self) -> dict[str, Tensor]:
+        """Every mask at its parameter's full shape, on CPU (gathers sharded masks: call on all ranks)."""
+        out = {}
+        for name, kept in self.masks.items():
+            param = self.params[name]
+            if is_dtensor(param):
+                sharded = DTensor.from_local(
+                    kept.to(torch.uint8), param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+                )
+                kept = sharded.full_tensor().bool()
+            out[name] = kept.cpu()
+        return out
+
+
+def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer behind a Lightning `LightningOptimizer`."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _fused_mul(pairs: Iterable[tuple[Tensor, Tensor]]) -> None:
+    """`tensor.mul_(mask)` for every pair, one `torch._foreach_mul_` per (device, dtype) group."""
+    grouped: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    for tensor, mask in pairs:
+        tensors, masks = grouped.setdefault((tensor.device, tensor.dtype), ([], []))
+        tensors.append(tensor)
+        masks.append(mask)
+    for tensors, masks in grouped.values():
+        torch._foreach_mul_(tensors, masks)

@@ -1,0 +1,152 @@
+"""MultiFlowCallback in training scripts nobody here wrote: a transformers encoder under Lightning's
+BaseFinetuning, a callback reused for a second module, mask files re-thresholded, unsupported strategies."""
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import BaseFinetuning, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import BertConfig, BertModel
+
+from mflightning import MultiFlowCallback, PruningResult, prune
+from toy_models import GROUPS, ToyModule, make_batches
+
+COMMON = dict(modalities=GROUPS, exclude=[r"head\."])
+
+
+def trainer(tmp_path, **kwargs) -> L.Trainer:
+    options = dict(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+def text_batches(n=6, batch_size=4, length=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        lengths = torch.randint(3, length + 1, (batch_size,), generator=g)
+        mask = (torch.arange(length)[None] < lengths[:, None]).long()
+        out.append({"input_ids": torch.randint(1, 50, (batch_size, length), generator=g) * mask,
+                    "attention_mask": mask, "label": torch.randint(0, 3, (batch_size,), generator=g)})
+    return out
+
+
+class BertClassifier(L.LightningModule):
+    """A small transformers BERT encoder with a classification head, trained with AdamW."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=16)
+        self.encoder = BertModel(config, add_pooling_layer=False)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, input_ids, attention_mask, **_):
+        return self.head(self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0])
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(**batch), batch["label"])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=0.05, weight_decay=0.1)
+
+
+class UnfreezeEncoderAtEpoch1(BaseFinetuning):
+    def freeze_before_training(self, pl_module):
+        self.freeze(pl_module.encoder)
+
+    def finetune_function(self, pl_module, epoch, optimizer):
+        if epoch == 1:
+            self.unfreeze_and_add_param_group(pl_module.encoder, optimizer, lr=0.05)
+
+
+def zero_where_pruned(callback, module):
+    params = dict(module.named_parameters())
+    return all((params[n].detach()[~kept] == 0).all() for n, kept in callback.kept_masks.items())
+
+
+def test_base_finetuning_unfrozen_encoder_stays_sparse(tmp_path):
+    module = BertClassifier()
+    pruning = MultiFlowCallback(0.5, calibration=text_batches(3), exclude=[r"^head\."])
+    before = module.encoder.encoder.layer[0].intermediate.dense.weight.detach().clone()
+    trainer(tmp_path, max_epochs=3, callbacks=[UnfreezeEncoderAtEpoch1(), pruning]).fit(
+        module, DataLoader(text_batches(), batch_size=None)
+    )
+    assert any(n.startswith("encoder.") for n in pruning.kept_masks)
+    assert zero_where_pruned(pruning, module)
+    assert pruning.measured_sparsity()["total"] == pytest.approx(0.5, abs=0.01)
+    after = module.encoder.encoder.layer[0].intermediate.dense.weight.detach()
+    assert not torch.equal(before.mul(after != 0), after), "the unfrozen encoder trained"
+
+
+def test_a_reused_callback_prunes_the_second_module_too(tmp_path):
+    pruning = MultiFlowCallback(0.6, calibration=make_batches(2), **COMMON)
+    first, second = ToyModule(), ToyModule(seed=3)
+    trainer(tmp_path, max_steps=2, callbacks=[pruning]).fit(first, DataLoader(make_batches(4), batch_size=None))
+    first_masks = {n: m.clone() for n, m in pruning.kept_masks.items()}
+    trainer(tmp_path, max_steps=2, callbacks=[pruning]).fit(second, DataLoader(make_batches(4), batch_size=None))
+    assert second.calibration_calls == 2, "the second module was calibrated"
+    assert zero_where_pruned(pruning, second)
+    assert pruning.measured_sparsity()["total"] == pytest.approx(0.6, abs=0.01)
+    # its own masks (other weights), not the first module's
+    assert any(not torch.equal(first_masks[n], pruning.kept_masks[n]) for n in first_masks)
+
+
+def test_masks_with_another_sparsity_rethreshold_the_stored_scores(tmp_path):
+    scores = prune(ToyModule().model, sparsity=0.5, calibration=make_batches(2),
+                   forward=lambda m, b: m(b["image"], b["input_ids"], b["attention_mask"]), **COMMON)
+    with_scores = scores.save(tmp_path / "scores.safetensors", include_scores=True)
+    mask_only = scores.save(tmp_path / "masks.safetensors")
+    module = ToyModule()
+    callback = MultiFlowCallback(sparsity=0.8, masks=with_scores)
+    trainer(tmp_path, max_steps=1, callbacks=[callback]).fit(module, DataLoader(make_batches(2), batch_size=None))
+    assert module.calibration_calls == 0
+    assert callback.measured_sparsity()["total"] == pytest.approx(0.8, abs=0.01)
+    with pytest.raises(ValueError, match="holds no scores to re-threshold"):
+        trainer(tmp_path, max_steps=1, callbacks=[MultiFlowCallback(sparsity=0.8, masks=mask_only)]).fit(
+            ToyModule(), DataLoader(make_batches(2), batch_size=None)
+        )
+
+
+def test_the_callback_can_save_rethresholdable_scores(tmp_path):
+    path = tmp_path / "out.safetensors"
+    callback = MultiFlowCallback(0.5, calibration=make_batches(2), save_masks=path, save_scores=True, **COMMON)
+    trainer(tmp_path, max_steps=1, callbacks=[callback]).fit(ToyModule(), DataLoader(make_batches(2), batch_size=None))
+    saved = PruningResult.load(path)
+    assert saved.scores is not None
+    assert saved.at(0.7).sparsity == pytest.approx(0.7, abs=0.01)
+
+
+def test_resuming_with_another_sparsity_warns_and_keeps_the_checkpoint_masks(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = MultiFlowCallback(0.7, calibration=make_batches(2), **COMMON)
+    trainer(tmp_path, max_epochs=1, callbacks=[first, checkpoint], enable_checkpointing=True).fit(
+        ToyModule(), DataLoader(make_batches(2), batch_size=None)
+    )
+    second = MultiFlowCallback(0.3, calibration=make_batches(2), **COMMON)
+    module = ToyModule(seed=4)
+    with pytest.warns(UserWarning, match="checkpoint's masks \\(sparsity 0.7\\) apply, not sparsity=0.3"):
+        trainer(tmp_path, max_epochs=2, callbacks=[second]).fit(
+            module, DataLoader(make_batches(2), batch_size=None), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+        )
+    assert module.calibration_calls == 0
+    assert second.measured_sparsity()["total"] == pytest.approx(0.7, abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["DeepSpeedStrategy", "FSDPStrategy"])
+def test_an_unsupported_strategy_stops_in_setup_naming_it(name):
+    """DeepSpeed (not installed here) and FSDP1 (refuses CPU) cannot run on this machine, so the check
+    sees an instance made without its constructor, as the Trainer would hold it."""
+    import types
+
+    import lightning.pytorch.strategies as strategies
+
+    cls = getattr(strategies, name)
+    fake_trainer = types.SimpleNamespace(strategy=cls.__new__(cls))
+    callback = MultiFlowCallback(0.5, method="omp", **COMMON)
+    with pytest.raises(RuntimeError, match=f"does not support the {name} strategy"):
+        callback.setup(fake_trainer, ToyModule(), "fit")

@@ -1,0 +1,103 @@
+"""MaskKeeper without Lightning: the exact part of mask upkeep, on torch's own optimizers."""
+import pytest
+import torch
+from torch import nn
+
+from mflightning.pruning.upkeep import MaskKeeper
+
+
+def model_and_masks(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    masks = {"0.weight": torch.rand(8, 6) > 0.5, "2.weight": torch.rand(3, 8) > 0.3}
+    return model, masks
+
+
+def pruned_are_zero(model, masks):
+    params = dict(model.named_parameters())
+    return all((params[n].detach()[~m] == 0).all() for n, m in masks.items())
+
+
+def step(model, optimizer, keeper=None):
+    optimizer.zero_grad()
+    model(torch.randn(5, 6)).square().mean().backward()
+    if keeper is not None:
+        keeper.zero_gradients(optimizer)
+    optimizer.step()
+
+
+def test_rezeroing_after_steps_beats_momentum_that_predates_the_masks():
+    """Momentum built up before pruning moves zeroed weights again: only the post-step re-zeroing stops it."""
+    model, masks = model_and_masks()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    for _ in range(3):  # dense training: momentum buffers fill up
+        step(model, optimizer)
+    keeper = MaskKeeper(model, masks)
+    keeper.zero_weights()
+    # gradient zeroing alone is not enough: the momentum buffer still pushes pruned weights
+    step(model, optimizer, keeper)
+    assert not pruned_are_zero(model, masks)
+    keeper.attach(optimizer)
+    for _ in range(3):
+        step(model, optimizer, keeper)
+        assert pruned_are_zero(model, masks)
+    keeper.detach()
+    step(model, optimizer, keeper)
+    assert not pruned_are_zero(model, masks), "detach() must remove the post-step hook"
+
+
+def test_gradients_of_pruned_entries_are_zero_and_kept_entries_untouched():
+    model, masks = model_and_masks()
+    keeper = MaskKeeper(model, masks)
+    model(torch.randn(4, 6)).sum().backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    keeper.zero_gradients()
+    for name, p in model.named_parameters():
+        if name in masks:
+            assert (p.grad[~masks[name]] == 0).all()
+            assert torch.equal(p.grad[masks[name]], before[name][masks[name]])
+        else:
+            assert torch.equal(p.grad, before[name]), "unmasked parameters keep their gradient"
+
+
+def test_a_parameter_group_added_after_the_first_step_is_masked_from_its_first_step():
+    model, masks = model_and_masks()
+    first, second = model[0], model[2]
+    optimizer = torch.optim.AdamW(first.parameters(), lr=0.1)
+    keeper = MaskKeeper(model, masks)
+    keeper.zero_weights()
+    keeper.attach(optimizer)
+    step(model, optimizer, keeper)  # the pairs of this optimizer are cached here
+    optimizer.add_param_group({"params": list(second.parameters()), "lr": 0.5})
+    step(model, optimizer, keeper)
+    assert pruned_are_zero(model, masks)
+    assert (second.weight.grad[~masks["2.weight"]] == 0).all()
+
+
+def test_fused_upkeep_handles_several_dtypes():
+    model, masks = model_and_masks()
+    model[2].to(torch.float64)
+    keeper = MaskKeeper(model, masks)
+    keeper.zero_weights()
+    assert pruned_are_zero(model, masks)
+    assert model[2].weight.dtype == torch.float64
+
+
+def test_measured_sparsity_counts_only_masked_layers_per_group():
+    model, masks = model_and_masks()
+    keeper = MaskKeeper(model, masks, groups={"0.weight": "a", "2.weight": "b"})
+    keeper.zero_weights()
+    figures = keeper.measured_sparsity()
+    assert figures["a"] == pytest.approx(1 - masks["0.weight"].float().mean().item())
+    assert figures["b"] == pytest.approx(1 - masks["2.weight"].float().mean().item())
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    assert figures["total"] == pytest.approx(pruned / (48 + 24))
+    assert keeper.numel() == {"a": 48, "b": 24}
+
+
+def test_bad_masks_name_the_layer():
+    model, masks = model_and_masks()
+    with pytest.raises(ValueError, match="first: \\['nope.weight'\\]"):
+        MaskKeeper(model, {"nope.weight": torch.ones(2, 2, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="'0.weight'.*\\(6, 8\\).*\\(8, 6\\)"):
+        MaskKeeper(model, {"0.weight": torch.ones(6, 8, dtype=torch.bool)})
