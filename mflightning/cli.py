@@ -73,6 +73,12 @@ class PruningSettings:
         seed: seed of the random baseline.
         rounds: IterSNIP rounds.
         save_masks: where `fit` writes the masks it computed (calibration in on_fit_start only).
+        save_scores: also store the scores in `save_masks`, so another sparsity can re-threshold it.
+        image_groups: groups whose inputs are image tokens, never PAD-filtered (null: the preset's;
+            a `modalities` mapping declares none unless listed here).
+        prune_tied_embeddings: also prune Linear weights tied to an nn.Embedding (dense by default).
+        partial_masks: allow a mask file that covers only some of the model's prunable layers.
+        mask_prefix: the prefix the model puts in front of the mask names (null: found automatically).
     """
 
     sparsity: float | None = None
@@ -86,6 +92,11 @@ class PruningSettings:
     seed: int = 0
     rounds: int = 10
     save_masks: str | None = None
+    save_scores: bool = False
+    image_groups: list[str] | None = None
+    prune_tied_embeddings: bool = False
+    partial_masks: bool = False
+    mask_prefix: str | None = None
 
     @property
     def enabled(self) -> bool:
@@ -130,12 +141,17 @@ class PruningSettings:
 
         if not self.enabled:
             return None
-        common = dict(modalities=self.modalities, exclude=tuple(self.exclude))
+        common = dict(
+            modalities=self.modalities, exclude=tuple(self.exclude), image_groups=self.image_groups,
+            prune_tied_embeddings=self.prune_tied_embeddings, partial_masks=self.partial_masks,
+            mask_prefix=self.mask_prefix,
+        )
         if self.masks is not None:
             return MultiFlowCallback(masks=self.load_masks(), **common)
         return MultiFlowCallback(
             sparsity=self.sparsity, method=self.method, num_batches=self.num_batches, allocation=self.allocation,
-            invert=self.invert, save_masks=self.save_masks, seed=self.seed, rounds=self.rounds, **common,
+            invert=self.invert, save_masks=self.save_masks, save_scores=self.save_scores, seed=self.seed,
+            rounds=self.rounds, **common,
         )
 
 
@@ -371,7 +387,8 @@ def run_prune(args: list[str]) -> PruneOutputs:
         target, sparsity=settings.sparsity, method=settings.method, calibration=calibration, forward=forward,
         modalities=settings.modalities, exclude=settings.exclude, num_batches=settings.num_batches,
         allocation=settings.allocation, invert=settings.invert, loss=loss, seed=settings.seed,
-        rounds=settings.rounds, keep_scores=True, progress=config.progress,
+        rounds=settings.rounds, keep_scores=True, progress=config.progress, image_groups=settings.image_groups,
+        prune_tied_embeddings=settings.prune_tied_embeddings,
     )
     seconds = time.perf_counter() - started
     out = Path(config.output_dir)
@@ -410,6 +427,8 @@ def report_dict(result, seconds: float | None = None) -> dict:
         "preset": result.preset,
         "target_sparsity": result.target_sparsity,
         "sparsity": result.sparsity,
+        "counted": result.coverage(),  # what the sparsity figures count (masked layers only)
+        "dense_layers": result.dense_layers,
         "calibration": result.calibration,
         "seconds": None if seconds is None else round(seconds, 2),
         "groups": groups,

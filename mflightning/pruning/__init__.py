@@ -5,11 +5,13 @@ from .presets import Preset, available_presets, get_preset, register_preset
 from .result import PruningResult, apply_masks
 from .stats import CalibrationError, collect_gradients, collect_input_norms, default_forward, default_token_mask
 from .targets import find_targets, resolve_modalities
+from .upkeep import MaskKeeper
 
 __all__ = [
     "ALLOCATIONS",
     "CalibrationError",
     "METHODS",
+    "MaskKeeper",
     "Preset",
     "PruningResult",
     "apply_masks",

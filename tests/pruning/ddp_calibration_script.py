@@ -1,6 +1,6 @@
 """Run by test_core_ddp.py as a subprocess: calibrate + train under CPU DDP, save each rank's masks.
 
-Usage: python ddp_calibration_script.py OUT_DIR DEVICES {loader,list}
+Usage: python ddp_calibration_script.py OUT_DIR DEVICES {loader,list,sampler}
 """
 import sys
 from pathlib import Path
@@ -27,6 +27,14 @@ def main() -> None:
 
     if kind == "loader":
         calibration = DataLoader(samples(5), batch_size=4, shuffle=False)
+    elif kind == "sampler":  # already sharded by the user: each rank loads its half of the samples
+        import os
+
+        from torch.utils.data import DistributedSampler
+
+        rank = int(os.environ.get("LOCAL_RANK", 0))  # set by Lightning's launcher for the second process
+        sampler = DistributedSampler(samples(5), num_replicas=devices, rank=rank, shuffle=False)
+        calibration = DataLoader(samples(5), batch_size=4, sampler=sampler)
     else:
         calibration = make_batches(5, seed=3)
     callback = MultiFlowCallback(0.7, calibration=calibration, modalities=GROUPS, exclude=[r"head\."])

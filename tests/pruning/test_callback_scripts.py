@@ -150,3 +150,53 @@ def test_an_unsupported_strategy_stops_in_setup_naming_it(name):
     callback = MultiFlowCallback(0.5, method="omp", **COMMON)
     with pytest.raises(RuntimeError, match=f"does not support the {name} strategy"):
         callback.setup(fake_trainer, ToyModule(), "fit")
+
+
+class TinyTorchvisionViT(L.LightningModule):
+    """torchvision's VisionTransformer (nn.MultiheadAttention inside) as an image classifier."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models import VisionTransformer
+
+        torch.manual_seed(0)
+        self.vit = VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16,
+                                     mlp_dim=32, num_classes=3)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self.vit(batch["pixel_values"]), batch["label"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+
+
+def image_batches(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"pixel_values": torch.randn(4, 3, 16, 16, generator=g), "label": torch.randint(0, 3, (4,), generator=g)}
+            for _ in range(n)]
+
+
+def test_torchvision_vit_attention_weights_are_pruned_and_stay_zero(tmp_path):
+    module = TinyTorchvisionViT()
+    pruning = MultiFlowCallback(0.5, calibration=image_batches(2), exclude=[r"^vit\.heads\."],
+                                forward=lambda model, batch: model.vit(batch["pixel_values"]))
+    trainer(tmp_path, max_steps=4, callbacks=[pruning]).fit(module, DataLoader(image_batches(), batch_size=None))
+    names = set(pruning.kept_masks)
+    assert {"vit.encoder.layers.encoder_layer_0.self_attention.in_proj_weight",
+            "vit.encoder.layers.encoder_layer_0.self_attention.out_proj.weight"} <= names
+    assert zero_where_pruned(pruning, module)
+    attention = module.vit.encoder.layers[0].self_attention.in_proj_weight
+    assert (attention == 0).float().mean().item() > 0.3
+
+
+def test_a_failing_calibration_forward_names_calibration_the_batch_and_the_forward(tmp_path):
+    from mflightning.pruning import CalibrationError
+
+    class TakesNoLabel(BertClassifier):
+        def forward(self, input_ids, attention_mask):  # the calibration batches also hold "label"
+            return super().forward(input_ids, attention_mask)
+
+    pruning = MultiFlowCallback(0.5, calibration=text_batches(2), exclude=[r"^head\."])
+    with pytest.raises(CalibrationError, match=r"batch 0: the forward `pl_module\(\*\*batch\).*'label'") as caught:
+        trainer(tmp_path, max_steps=1, callbacks=[pruning]).fit(TakesNoLabel(), DataLoader(text_batches(), batch_size=None))
+    assert isinstance(caught.value.__cause__, TypeError)

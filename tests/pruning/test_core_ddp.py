@@ -37,3 +37,17 @@ def test_two_processes_give_identical_masks_equal_to_one_process(tmp_path, kind)
         assert torch.equal(rank0["masks"][name], rank1["masks"][name]), name
         assert torch.equal(rank0["masks"][name], single["masks"][name]), name
     assert rank0["zeros"] and rank1["zeros"] and single["zeros"]
+
+
+def test_a_loader_already_sharded_by_a_distributed_sampler_is_not_sharded_again(tmp_path):
+    """Each rank loads its 10 of the 20 samples (3 batches); re-sharding would keep only 1/4 of them."""
+    run(tmp_path, 2, "sampler")
+    run(tmp_path, 1, "loader")
+    rank0 = torch.load(tmp_path / "sampler-2-rank0.pt")
+    rank1 = torch.load(tmp_path / "sampler-2-rank1.pt")
+    single = torch.load(tmp_path / "loader-1-rank0.pt")
+    assert rank0["calibration_calls"] == rank1["calibration_calls"] == 3
+    for name in single["masks"]:
+        # the same samples in other batches: the statistic is a sum over all tokens, so the same masks
+        assert torch.equal(rank0["masks"][name], single["masks"][name]), name
+        assert torch.equal(rank1["masks"][name], single["masks"][name]), name
