@@ -35,8 +35,7 @@ from lightning.pytorch.strategies import (
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from .pruning import PruningResult, check_method, check_sparsity, prune
-from .pruning.presets import GroupMap
+from .pruning import PruningConfig, PruningResult, prune
 from .pruning.stats import default_forward
 from .pruning.upkeep import MaskKeeper
 
@@ -49,29 +48,24 @@ REFUSED_STRATEGIES = (DeepSpeedStrategy, FSDPStrategy, XLAStrategy, SingleDevice
 class MultiFlowCallback(Callback):
     """Prune `pl_module` with MultiFlow (or a baseline) in `on_fit_start` and keep it sparse.
 
+    What to prune is a `PruningConfig`: pass `config=` and/or its fields as keywords (`sparsity`,
+    `method`, `allocation`, `invert`, `modalities`, `exclude`, `image_groups`,
+    `prune_tied_embeddings`, `num_batches`, `seed`, `rounds`; see `PruningConfig`). A task head
+    stays dense with `exclude=[r"^head\\."]`.
+
     Args:
         sparsity: fraction of the prunable weights to remove, in [0, 1). With `masks=`, a sparsity
             that differs from the file's re-thresholds the file's stored scores (an error when it
             holds none); None applies the masks as they are.
-        method: `multiflow` (default) or a baseline: `omp`, `lamp`, `random`, `wanda`, `snip`, `itersnip`.
+        config: the pruning settings (keywords override its fields).
         calibration: any iterable of batches (DataLoader, list); None uses the datamodule's
             `calibration_dataloader()`.
-        num_batches: use only the first N calibration batches (None: all).
-        modalities: None (the module's `pruning_preset`, else one group), a preset name, a mapping
-            group -> regex, or a callable name -> group.
-        exclude: regexes of parameter names that stay dense (e.g. a task head: `r"^head\\."`).
-        token_mask: `fn(batch) -> (B, L)` mask of real tokens; default `batch["attention_mask"]`.
-        allocation: None (the method's own), `modality`, `magnitude`, `global`, `layer` or `row`.
-        invert: keep the lowest scores (sanity-check ablation).
         masks: a mask file path or a PruningResult to apply instead of calibrating.
         save_masks: path to write the computed masks (rank 0 only; written atomically).
         save_scores: also store the scores in `save_masks`, so the file can be re-thresholded.
         forward: `fn(model, batch)` for calibration when the module has no `calibration_step`.
         loss: `fn(model, batch) -> scalar` for gradient methods; default `pl_module.pruning_loss(batch)`.
-        seed: seed of the random baseline.
-        rounds: IterSNIP rounds.
-        image_groups: groups whose inputs are image tokens, never PAD-filtered (None: the preset's).
-        prune_tied_embeddings: also prune Linear weights tied to an nn.Embedding (dense by default).
+        token_mask: `fn(batch) -> (B, L)` mask of real tokens; default `batch["attention_mask"]`.
         partial_masks: allow a mask file that leaves some prunable layers of the module uncovered.
         mask_prefix: put this prefix in front of the mask names (when the module holds several
             copies of the masked model, e.g. `"student."`); None: found automatically.
@@ -80,54 +74,36 @@ class MultiFlowCallback(Callback):
     def __init__(
         self,
         sparsity: float | None = None,
-        method: str = "multiflow",
+        *,
+        config: PruningConfig | None = None,
         calibration: Iterable[Any] | None = None,
-        num_batches: int | None = None,
-        modalities: GroupMap = None,
-        exclude: Iterable[str] = (),
-        token_mask: Callable[[Any], Tensor | None] | None = None,
-        allocation: str | None = None,
-        invert: bool = False,
         masks: str | os.PathLike | PruningResult | None = None,
         save_masks: str | os.PathLike | None = None,
         save_scores: bool = False,
         forward: Callable[[nn.Module, Any], Any] | None = None,
         loss: Callable[[nn.Module, Any], Tensor] | None = None,
-        seed: int = 0,
-        rounds: int = 10,
-        image_groups: Iterable[str] | None = None,
-        prune_tied_embeddings: bool = False,
+        token_mask: Callable[[Any], Tensor | None] | None = None,
         partial_masks: bool = False,
         mask_prefix: str | None = None,
+        **settings: Any,
     ) -> None:
         if sparsity is not None:
-            sparsity = check_sparsity(sparsity)
+            settings["sparsity"] = sparsity
+        self.config = PruningConfig.build(config, **settings)  # validated here, once
         if masks is None:
-            if sparsity is None:
+            if self.config.sparsity is None:
                 raise ValueError("MultiFlowCallback needs a sparsity (or masks= to apply existing masks)")
-            check_method(method, allocation)
         elif not isinstance(masks, (str, os.PathLike, PruningResult)):
             raise TypeError(f"masks must be a path or a PruningResult, got {type(masks)!r}")
         elif isinstance(masks, (str, os.PathLike)) and not Path(masks).is_file():
             raise FileNotFoundError(f"mask file {str(masks)!r} does not exist")
-        self.sparsity = sparsity
-        self.method = method
         self.calibration = calibration
-        self.num_batches = num_batches
-        self.modalities = modalities
-        self.exclude = tuple(exclude)
-        self.token_mask = token_mask
-        self.allocation = allocation
-        self.invert = invert
         self.masks = masks
         self.save_masks = save_masks
         self.save_scores = save_scores
         self.forward = forward
         self.loss = loss
-        self.seed = seed
-        self.rounds = rounds
-        self.image_groups = None if image_groups is None else tuple(image_groups)
-        self.prune_tied_embeddings = prune_tied_embeddings
+        self.token_mask = token_mask
         self.partial_masks = partial_masks
         self.mask_prefix = mask_prefix
         self.result: PruningResult | None = None  # the result applied to the current module
@@ -135,6 +111,11 @@ class MultiFlowCallback(Callback):
         self._module: weakref.ref | None = None  # the module the keeper's masks belong to
         self._restored: dict[str, Any] | None = None  # state from a checkpoint, applied when pruning
         self._handles: list[Any] = []
+
+    @property
+    def sparsity(self) -> float | None:
+        """The configured target sparsity."""
+        return self.config.sparsity
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -195,7 +176,7 @@ class MultiFlowCallback(Callback):
         return {
             "masks": self._keeper.full_masks(),
             "groups": dict(self._keeper.groups),
-            "method": self.result.method if self.result else self.method,
+            "method": self.result.method if self.result else self.config.method,
             "target_sparsity": self.result.target_sparsity if self.result else self.sparsity,
         }
 
@@ -291,7 +272,9 @@ class MultiFlowCallback(Callback):
         return result.at(self.sparsity)
 
     def _masks_for(self, result: PruningResult, pl_module: nn.Module) -> dict[str, Tensor]:
-        return result.masks_for(pl_module, partial=self.partial_masks, prefix=self.mask_prefix, exclude=self.exclude)
+        return result.masks_for(
+            pl_module, partial=self.partial_masks, prefix=self.mask_prefix, exclude=self.config.exclude
+        )
 
     def _calibrate_and_prune(self, trainer: Trainer, pl_module: LightningModule) -> PruningResult:
         calibration = self.calibration
@@ -324,26 +307,16 @@ class MultiFlowCallback(Callback):
         strategy = trainer.strategy
         return prune(
             pl_module,
-            sparsity=self.sparsity,  # type: ignore[arg-type]
-            method=self.method,
+            self.config,
             calibration=calibration,
             forward=in_precision(forward),
-            modalities=self.modalities,
-            exclude=self.exclude,
             token_mask=self.token_mask,
-            num_batches=self.num_batches,
-            allocation=self.allocation,
-            invert=self.invert,
             loss=in_precision(loss),
-            seed=self.seed,
-            rounds=self.rounds,
             keep_scores=self.save_scores,
             progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
             shard=(trainer.global_rank, world) if world > 1 else None,
             reduce=(lambda t: strategy.reduce(t, reduce_op="sum")) if world > 1 else None,
             transfer=lambda batch: strategy.batch_to_device(batch),
-            image_groups=self.image_groups,
-            prune_tied_embeddings=self.prune_tied_embeddings,
         )
 
     def _watch_optimizers(self, trainer: Trainer) -> None:

@@ -1,6 +1,8 @@
 """The pruning engine: pure torch, no Lightning."""
 from .allocation import ALLOCATIONS, compute_masks
-from .engine import METHODS, check_method, check_sparsity, prune
+from .config import PruningConfig, check_method, check_sparsity
+from .engine import prune
+from .methods import METHODS, Method, get_method, register_method
 from .presets import Preset, available_presets, get_preset, register_preset
 from .result import PruningResult, apply_masks
 from .stats import CalibrationError, collect_gradients, collect_input_norms, default_forward, default_token_mask
@@ -12,6 +14,8 @@ __all__ = [
     "CalibrationError",
     "METHODS",
     "MaskKeeper",
+    "Method",
+    "PruningConfig",
     "Preset",
     "PruningResult",
     "apply_masks",
@@ -24,8 +28,10 @@ __all__ = [
     "default_forward",
     "default_token_mask",
     "find_targets",
+    "get_method",
     "get_preset",
     "prune",
+    "register_method",
     "register_preset",
     "resolve_modalities",
 ]

@@ -3,19 +3,17 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
-import numbers
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from . import scores as S
-from .allocation import ALLOCATIONS, compute_masks
-from .presets import GroupMap
+from .allocation import compute_masks
+from .config import PruningConfig, check_method, check_sparsity  # noqa: F401  (check_* re-exported)
+from .methods import METHODS, Method  # noqa: F401  (METHODS re-exported)
 from .result import SHOWN, PruningResult, apply_masks
 from .stats import (
     Batch,
@@ -29,73 +27,12 @@ from .stats import (
     distributed_sampler_shard,
     move_to_device,
 )
-from .upkeep import full_tensor, is_dtensor
 from .targets import SINGLE_GROUP, GroupSpec, Target, find_targets, resolve_modalities
-
-
-@dataclass(frozen=True)
-class Method:
-    """What a method needs ('activations', 'gradients' or nothing) and its own allocation."""
-
-    needs: str | None
-    allocation: str
-    description: str
-
-
-METHODS: dict[str, Method] = {
-    "multiflow": Method("activations", "modality", "information flow (Eq. 6) with the multimodal prior (Eq. 7-8)"),
-    "omp": Method(None, "global", "one-shot global magnitude pruning"),
-    "lamp": Method(None, "global", "layer-adaptive magnitude scores, global threshold"),
-    "random": Method(None, "global", "random scores, global threshold"),
-    "wanda": Method("activations", "row", "|W| * input norm, compared within each output row"),
-    "snip": Method("gradients", "global", "|gradient * weight| of the pretraining loss"),
-    "itersnip": Method("gradients", "global", "SNIP repeated over rounds with an exponential schedule"),
-}
+from .upkeep import full_tensor, is_dtensor
 
 
 # A layer pruned beyond this (at a lower target) is warned about: it barely passes any signal.
 NEARLY_EMPTY = 0.99
-
-
-def check_sparsity(sparsity: Any) -> float:
-    """Sparsity as a float in [0, 1).
-
-    Any real number is accepted (int, float, numpy scalar, fractions.Fraction), and so is a tensor
-    or numpy array holding one non-bool real number (a 0-dim tensor from a config or a sweep).
-    Bools, NaN/inf, strings and values outside [0, 1) are refused, the value in the message.
-    """
-    value = _real_number(sparsity)
-    if value is None or not math.isfinite(value):
-        raise ValueError(f"sparsity must be a real number in [0, 1), got {sparsity!r}")
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
-    return value
-
-
-def _real_number(value: Any) -> float | None:
-    """`value` as a float when it is one real number (not a bool), else None."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
-            return None
-        value = value.item()
-    elif type(value).__module__ == "numpy" and hasattr(value, "dtype"):  # numpy scalar or array
-        if value.size != 1 or value.dtype.kind not in "iuf":
-            return None
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    return float(value)
-
-
-def check_method(method: str, allocation: str | None) -> tuple[Method, str]:
-    """The method's spec and the effective allocation (the method's own when None)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; expected one of {sorted(METHODS)}")
-    spec = METHODS[method]
-    allocation = allocation or spec.allocation
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"unknown allocation {allocation!r}; expected one of {list(ALLOCATIONS)}")
-    return spec, allocation
 
 
 def _outside_inference_mode(fn: Callable[..., PruningResult]) -> Callable[..., PruningResult]:
@@ -117,111 +54,97 @@ def _outside_inference_mode(fn: Callable[..., PruningResult]) -> Callable[..., P
 @_outside_inference_mode
 def prune(
     model: nn.Module,
+    config: PruningConfig | None = None,
     *,
-    sparsity: float,
-    method: str = "multiflow",
     calibration: Iterable[Batch] | None = None,
     forward: ForwardFn | None = None,
-    modalities: GroupMap = None,
-    exclude: Iterable[str] = (),
     token_mask: TokenMaskFn | None = None,
-    num_batches: int | None = None,
-    allocation: str | None = None,
-    invert: bool = False,
     loss: Callable[[nn.Module, Batch], Tensor] | None = None,
-    seed: int = 0,
-    rounds: int = 10,
     keep_scores: bool = True,
     progress: bool = False,
     shard: tuple[int, int] | None = None,
     reduce: ReduceFn | None = None,
     transfer: Callable[[Batch], Batch] | None = None,
-    image_groups: Iterable[str] | None = None,
-    prune_tied_embeddings: bool = False,
+    **settings: Any,
 ) -> PruningResult:
-    """Compute pruning masks for `model`'s nn.Linear weights; the model itself is left unchanged.
+    """Compute pruning masks for `model`'s prunable weights; the model itself is left unchanged.
 
-    `allocation=None` uses the method's own rule: `modality` (Eq. 7-8) for multiflow, `row` for
-    wanda, `global` for the others. Set it to run the paper's ablations (`magnitude`: ratios from
-    one magnitude pool, "w/o multimodality"; `global`: one score threshold, "w/o distribution").
-    `shard=(rank, world)` and `reduce` (in-place sum over processes) split calibration across
-    processes; every process returns the same masks. Call `result.apply(model)` to zero weights.
+    What to prune is a `PruningConfig` (`config`, and/or its fields as keywords: `sparsity`,
+    `method`, `allocation`, `invert`, `modalities`, `exclude`, `image_groups`,
+    `prune_tied_embeddings`, `num_batches`, `seed`, `rounds`). `allocation=None` uses the method's
+    own rule: `modality` (Eq. 7-8) for multiflow, `row` for wanda, `global` for the others. Set it
+    to run the paper's ablations (`magnitude`: ratios from one magnitude pool, "w/o
+    multimodality"; `global`: one score threshold, "w/o distribution").
+
+    The rest says how to run the model: `calibration` batches, `forward(model, batch)`,
+    `token_mask(batch)`, `loss(model, batch)` for gradient methods. `shard=(rank, world)` and
+    `reduce` (in-place sum over processes) split calibration across processes; every process
+    returns the same masks. Call `result.apply(model)` to zero weights.
 
     Works under `torch.inference_mode()` too (the returned tensors are ordinary ones). A layer left
     more than 99% pruned while the target is lower gets a warning (a freshly initialised head or a
     pooler usually belongs in `exclude`).
     """
-    sparsity = check_sparsity(sparsity)
-    spec, allocation = check_method(method, allocation)
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    if num_batches is not None and num_batches < 1:
-        raise ValueError(f"num_batches must be >= 1 or None, got {num_batches}")
-    exclude = tuple(exclude)
+    config = PruningConfig.build(config, **settings)
+    if config.sparsity is None:
+        raise ValueError("prune() needs a sparsity in [0, 1) (config.sparsity is None)")
+    sparsity, method, spec, allocation = config.sparsity, config.method, config.spec, config.effective_allocation
     group_spec = resolve_modalities(
-        model, modalities, exclude, image_groups=image_groups, prune_tied_embeddings=prune_tied_embeddings
+        model, config.modalities, config.exclude,
+        image_groups=config.image_groups, prune_tied_embeddings=config.prune_tied_embeddings,
     )
     targets = find_targets(model, group_spec)
     groups = {name: t.group for name, t in targets.items()}
     # the preset travels with the masks so a task module can apply its `inherit` rules later
-    preset = modalities if isinstance(modalities, str) else None
-    if modalities is None:
+    preset = config.modalities if isinstance(config.modalities, str) else None
+    if config.modalities is None:
         preset = getattr(model, "pruning_preset", None)
-    if spec.needs is not None and calibration is None:
+    if spec.data_driven and calibration is None:
         raise ValueError(f"method {method!r} is data-driven and needs calibration batches (calibration=None)")
     if spec.needs == "gradients" and loss is None:
         raise ValueError(f"method {method!r} needs `loss(model, batch) -> scalar tensor`")
     if spec.needs == "gradients":
         _check_no_inference_parameters(targets, method)
-    if spec.needs is not None:
+    if spec.data_driven:
         transfer = _ordinary_transfer(transfer, next(iter(targets.values())).param.device)
     # |W| drives the layer ratios of the pooled allocations and is OMP's score; other runs skip the copy
-    needs_magnitudes = allocation in ("modality", "magnitude") or method == "omp" or keep_scores
-    weights = _full_weights(targets, method)
+    needs_magnitudes = allocation in ("modality", "magnitude") or spec.score is S.magnitude_scores or keep_scores
+    weights = _full_weights(targets, spec)
     magnitudes = {name: S.magnitude_scores(w) for name, w in weights.items()} if needs_magnitudes else None
+    collect = dict(num_batches=config.num_batches, shard=shard, reduce=reduce, transfer=transfer, progress=progress)
     info: dict[str, Any] = {}
+    statistics: Mapping[str, Any] = {}
 
-    if spec.needs == "activations":
-        stats = collect_input_norms(
-            model,
-            targets,
-            calibration,  # type: ignore[arg-type]
-            forward=forward or default_forward,
-            token_mask=token_mask or default_token_mask,
-            num_batches=num_batches,
-            shard=shard,
-            reduce=reduce,
-            transfer=transfer,
-            progress=progress,
-            lockstep=any(is_dtensor(t.param) for t in targets.values()),
-        )
-        _check_seen(stats.num_batches, stats.calls, method)
-        info = {"num_batches": stats.num_batches, "num_samples": stats.num_samples}
-        norms = {name: stats.sums[name].sqrt() for name in targets}
-        fn = S.multiflow_scores if method == "multiflow" else S.wanda_scores
-        scores = {name: fn(weights[name], norms[name]) for name in targets}
-    elif method == "snip":
-        stats = collect_gradients(
-            model, targets, calibration, loss,  # type: ignore[arg-type]
-            num_batches=num_batches, shard=shard, reduce=reduce, transfer=transfer, progress=progress,
-        )
-        _check_seen(stats.num_batches, stats.calls, method)
-        info = {"num_batches": stats.num_batches, "num_samples": stats.num_samples}
-        scores = {name: S.snip_scores(t.param, stats.sums[name]) for name, t in targets.items()}
-    elif method == "itersnip":
+    if spec.iterative:
         scores, info = _iterative_snip(
             model, targets, calibration, loss, sparsity, allocation, groups, magnitudes,  # type: ignore[arg-type]
-            rounds=rounds, num_batches=num_batches, shard=shard, reduce=reduce, transfer=transfer, progress=progress,
+            rounds=config.rounds, **collect,  # type: ignore[arg-type]
         )
-    elif method == "random":
-        generator = torch.Generator().manual_seed(seed)
-        scores = {name: S.random_scores(weights[name], generator) for name in targets}
-    elif method == "lamp":
-        scores = {name: S.lamp_scores(weights[name]) for name in targets}
-    else:  # omp
-        scores = dict(magnitudes)  # type: ignore[arg-type]
+    else:
+        if spec.needs == "activations":
+            stats = collect_input_norms(
+                model, targets, calibration,  # type: ignore[arg-type]
+                forward=forward or default_forward, token_mask=token_mask or default_token_mask,
+                lockstep=any(is_dtensor(t.param) for t in targets.values()), **collect,  # type: ignore[arg-type]
+            )
+            _check_seen(stats.num_batches, stats.calls, method)
+            info = {"num_batches": stats.num_batches, "num_samples": stats.num_samples}
+            norms = {name: stats.sums[name].sqrt() for name in targets}
+            statistics = norms
+        elif spec.needs == "gradients":
+            stats = collect_gradients(model, targets, calibration, loss, **collect)  # type: ignore[arg-type]
+            _check_seen(stats.num_batches, stats.calls, method)
+            info = {"num_batches": stats.num_batches, "num_samples": stats.num_samples}
+            statistics = stats.sums
+        elif spec.needs == "generator":
+            generator = torch.Generator().manual_seed(config.seed)
+            statistics = {name: generator for name in targets}  # one generator, consumed in layer order
+        if magnitudes is not None and spec.score is S.magnitude_scores:
+            scores = dict(magnitudes)  # OMP's score is |W|: reuse it
+        else:
+            scores = {name: spec.scores(weights[name], statistics.get(name)) for name in targets}
 
-    if invert:
+    if config.invert:
         scores = {name: -s for name, s in scores.items()}
     masks = compute_masks(scores, sparsity, allocation, groups=groups, magnitudes=magnitudes)
     _warn_nearly_empty(masks, sparsity)
@@ -232,26 +155,26 @@ def prune(
         method=method,
         target_sparsity=sparsity,
         allocation=allocation,
-        invert=invert,
+        invert=config.invert,
         preset=preset,
         calibration=info,
         scores=cpu(scores) if keep_scores else None,
         magnitudes=cpu(magnitudes) if keep_scores and magnitudes is not None else None,
-        exclude=exclude,
+        exclude=config.exclude,
         dense_layers=_dense_layers(model, targets),
     )
 
 
-def _full_weights(targets: Mapping[str, Target], method: str) -> dict[str, Tensor]:
+def _full_weights(targets: Mapping[str, Target], spec: Method) -> dict[str, Tensor]:
     """Each prunable weight whole: a sharded (FSDP2 DTensor) weight is gathered, one layer at a time.
 
     Scores and the Eq. 7 pools need whole layers; every process computes the same masks, which
     mask upkeep then shards like the parameters. Gradient methods are not verified under FSDP2.
     """
     sharded = [name for name, t in targets.items() if is_dtensor(t.param)]
-    if sharded and METHODS[method].needs == "gradients":
+    if sharded and spec.needs == "gradients":
         raise NotImplementedError(
-            f"method {method!r} is not supported on sharded (FSDP2/DTensor) parameters (first: {sharded[:3]}); "
+            f"method {spec.name!r} is not supported on sharded (FSDP2/DTensor) parameters (first: {sharded[:3]}); "
             "use multiflow, wanda, omp, lamp or random, or compute the masks unsharded and pass masks="
         )
     return {name: full_tensor(t.param.detach()) for name, t in targets.items()}

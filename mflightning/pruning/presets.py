@@ -39,6 +39,7 @@ class Preset:
 
 
 _PRESETS: dict[str, Preset] = {}
+_LOADERS: list[Callable[[], None]] = []
 
 
 def register_preset(
@@ -63,30 +64,37 @@ def register_preset(
     preset = Preset(
         name, dict(groups), tuple(exclude), tuple(unfiltered), description, tuple(inherit), image_groups
     )
+    if name in _PRESETS and _PRESETS[name] != preset:  # the same definition again (a re-import) is fine
+        raise ValueError(f"modality preset {name!r} is already registered with another definition")
     _PRESETS[name] = preset
     return preset
 
 
+def add_preset_loader(loader: Callable[[], None]) -> None:
+    """Register `loader`, called once when a preset name is not (yet) known, to register more presets.
+
+    The engine imports nothing from the rest of the package: the package registers a loader that
+    imports its built-in backbones (each registering its preset) only when one is asked for.
+    """
+    if loader not in _LOADERS:
+        _LOADERS.append(loader)
+
+
+def _run_loaders() -> None:
+    while _LOADERS:
+        _LOADERS.pop(0)()
+
+
 def get_preset(name: str) -> Preset:
-    """Look up a preset by name, importing the built-in backbones first so they register."""
+    """Look up a preset by name, running the registered preset loaders first if it is not known."""
     if name not in _PRESETS:
-        _import_builtin_backbones()
+        _run_loaders()
     if name not in _PRESETS:
         raise ValueError(f"unknown modality preset {name!r}; registered: {sorted(_PRESETS)}")
     return _PRESETS[name]
 
 
 def available_presets() -> list[str]:
-    _import_builtin_backbones()
+    """Every registered preset name (after running the preset loaders)."""
+    _run_loaders()
     return sorted(_PRESETS)
-
-
-def _import_builtin_backbones() -> None:
-    import importlib
-
-    for module in ("mflightning.models.blip", "mflightning.models.xvlm"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:  # a backbone not (yet) present is not an error
-            if err.name != module:
-                raise

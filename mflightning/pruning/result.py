@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .allocation import compute_masks
+from .config import check_sparsity
 from .targets import find_targets, resolve_modalities
 
 FORMAT = "mflightning-masks/1"
@@ -52,9 +53,7 @@ class PruningResult:
 
     def __post_init__(self) -> None:
         if not self.version:
-            from mflightning import __version__
-
-            self.version = __version__
+            self.version = package_version()
         missing = set(self.masks) ^ set(self.groups)
         if missing:
             raise ValueError(f"masks and groups name different layers: {sorted(missing)[:5]}")
@@ -148,8 +147,6 @@ class PruningResult:
         ties are pruned, so any threshold prunes at least what those rounds did (a lower sparsity is
         not reachable), and a higher one would not be IterSNIP's schedule either.
         """
-        from .engine import check_sparsity
-
         sparsity = check_sparsity(sparsity)
         if self.method == "itersnip" and not math.isclose(sparsity, self.target_sparsity, rel_tol=0.0, abs_tol=1e-12):
             raise ValueError(
@@ -350,6 +347,16 @@ class PruningResult:
             dense_layers=None if dense_layers is None else json.loads(dense_layers),
             source=str(path),
         )
+
+
+def package_version() -> str:
+    """The installed mflightning version, written into mask files (read from the package metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mflightning")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def prunable_layers(model: nn.Module, preset: str | None, exclude: Iterable[str] = ()) -> list[str]:
