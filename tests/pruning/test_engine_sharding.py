@@ -33,3 +33,19 @@ def test_two_shards_reduced_equal_one_process_on_all_batches():
     for name in single.sums:
         assert torch.allclose(reduced.sums[name], single.sums[name], rtol=1e-12), name
         assert not torch.allclose(alone.sums[name], single.sums[name]), "one shard alone must differ"
+
+
+def test_lockstep_gives_every_rank_the_same_number_of_forwards_and_counts_each_batch_once():
+    from torch.utils.data import DataLoader
+
+    from mflightning.pruning.stats import iterate_shard
+
+    samples = [{"x": torch.tensor([float(i)])} for i in range(10)]
+    for source in (list(range(5)), DataLoader(samples, batch_size=2)):  # plain iterable; rebuilt loader
+        shares = [list(iterate_shard(source, None, (rank, 3), lockstep=True)) for rank in range(3)]
+        assert [len(s) for s in shares] == [2, 2, 2], "5 batches over 3 ranks: every rank runs 2 forwards"
+        counted = sorted(i for s in shares for i, _ in s if i is not None)
+        assert counted == [0, 1, 2, 3, 4]
+        assert [i for i, _ in shares[2]][-1] is None, "rank 2's second forward only keeps pace"
+        without = [list(iterate_shard(source, None, (rank, 3))) for rank in range(3)]
+        assert [len(s) for s in without] == [2, 2, 1]

@@ -1,0 +1,270 @@
+"""`make mutants`: does the test suite notice when the method breaks?
+
+A small mutation runner over curated mutants of the parts that must be exact: the score, the
+statistic, the allocation rules, PAD filtering, the reduction of sharded statistics, mask upkeep,
+inheritance, resume and re-thresholding. Each mutant is one exact text edit of one file. For
+each, the package and tests are copied to a scratch folder, the edit is applied there (the working
+tree is never touched) and the mutant's tests run; a failing run kills the mutant.
+
+    python tools/mutants.py [--only ID ...] [--report docs/mutants.md] [--jobs 1]
+
+Writes a markdown report: kill rate, every mutant with its outcome and time, and for each survivor
+the reason it is equivalent (declared with the mutant) or "NOT KILLED". Exit status 1 when a
+mutant without a declared reason survives. Not part of CI's test command (it takes ~15 minutes).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ("tests/pruning", "--ignore=tests/pruning/test_fsdp2.py", "--ignore=tests/pruning/test_core_ddp.py")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One exact edit: `old` must occur exactly once in `path`; `tests` are pytest arguments."""
+
+    id: str
+    path: str
+    old: str
+    new: str
+    what: str
+    tests: tuple[str, ...] = FAST
+    equivalent: str = ""  # why surviving is fine (an equivalent mutant); empty: it must be killed
+
+
+S, ST, AL, EN, RE, UP, CB, TG, AT = (
+    "mflightning/pruning/scores.py",
+    "mflightning/pruning/stats.py",
+    "mflightning/pruning/allocation.py",
+    "mflightning/pruning/engine.py",
+    "mflightning/pruning/result.py",
+    "mflightning/pruning/upkeep.py",
+    "mflightning/callback.py",
+    "mflightning/pruning/targets.py",
+    "mflightning/pruning/attention.py",
+)
+
+MUTANTS: tuple[Mutant, ...] = (
+    # ---------------------------------------------------------------- the score (Eq. 4-6)
+    Mutant("score-s_in", S, "s_in = weighted.mean(dim=0)", "s_in = torch.ones_like(weighted.mean(dim=0))",
+           "S_in replaced by a constant"),
+    Mutant("score-s_out", S, "s_out = weighted.mean(dim=1)", "s_out = torch.ones_like(weighted.mean(dim=1))",
+           "S_out replaced by a constant"),
+    Mutant("score-no-magnitude", S, "return magnitude.mul_(s_out.unsqueeze(1)).mul_(s_in.unsqueeze(0))",
+           "return torch.ones_like(magnitude).mul_(s_out.unsqueeze(1)).mul_(s_in.unsqueeze(0))",
+           "|W| dropped from the MultiFlow score"),
+    Mutant("score-s_in-unweighted", S, "weighted = magnitude * input_norm", "weighted = magnitude * 1.0 + 0 * input_norm",
+           "saliencies computed from |W| without the input norms"),
+    Mutant("wanda-no-norm", S,
+           "return weight.detach().abs().float() * input_norm.to(device=weight.device, dtype=torch.float32).unsqueeze(0)",
+           "return weight.detach().abs().float()", "Wanda without the activation norm"),
+    Mutant("lamp-prefix", S, "suffix = ordered.flip(0).cumsum(0).flip(0)", "suffix = ordered.cumsum(0)",
+           "LAMP divides by a prefix instead of a suffix sum"),
+    Mutant("snip-no-weight", S, "(gradient.to(weight.device, torch.float32) * weight.detach().float()).abs()",
+           "gradient.to(weight.device, torch.float32).abs()", "SNIP without the weight factor"),
+    Mutant("invert-ignored", EN, "scores = {name: -s for name, s in scores.items()}", "scores = dict(scores)",
+           "the inversion ablation does nothing"),
+    # ---------------------------------------------------------------- the statistic
+    Mutant("stat-abs", ST, "return features.square().sum(0)", "return features.abs().sum(0)",
+           "sum of |x| instead of sum of x^2"),
+    Mutant("stat-no-sqrt", EN, "norms = {name: stats.sums[name].sqrt() for name in targets}",
+           "norms = {name: stats.sums[name] for name in targets}", "squared norms used as norms"),
+    Mutant("stat-last-batch", ST, "acc.add_(squared(x, filter_tokens, seq_first_input))",
+           "acc.copy_(squared(x, filter_tokens, seq_first_input))",
+           "only the last call of a layer counts"),
+    Mutant("pad-filter-off", ST, "if filter_tokens and mask is not None and x.dim() >= 3:",
+           "if False and mask is not None and x.dim() >= 3:",
+           "padding tokens are never filtered"),
+    Mutant("cross-attn-filtered", "mflightning/pruning/presets.py",
+           'r"crossattention\\.self\\.(key|value)\\.weight$",', 'r"$^",',
+           "cross-attention key/value (image tokens) filtered by the text mask"),
+    Mutant("reduce-skipped", ST, "    if reduce is None or not tensors:\n        return tensors",
+           "    if True:\n        return tensors", "sharded statistics are not summed over processes",
+           tests=("tests/pruning/test_engine_sharding.py", "tests/pruning/test_core_ddp.py")),
+    Mutant("shard-all", ST, "        if index % world == rank:\n            yield index, batch",
+           "        yield index, batch", "every process calibrates on every batch",
+           tests=("tests/pruning/test_core_ddp.py", "tests/pruning/test_engine_sharding.py")),
+    # ---------------------------------------------------------------- allocation (Eq. 7-8, ablations, ties)
+    Mutant("alloc-one-pool", AL, 'pool_groups = groups if allocation == "modality" else',
+           'pool_groups = {name: "all" for name in scores} if allocation == "modality" else',
+           "modality allocation pools every group together"),
+    Mutant("alloc-global-per-layer", AL, 'if allocation == "global":\n        return global_masks(scores, sparsity)',
+           'if allocation == "global":\n        return masks_from_counts(scores, uniform_counts(scores, sparsity))',
+           "the w/o-distribution ablation prunes a uniform ratio per layer"),
+    Mutant("ties-kept-global", AL, "return {name: s > threshold for name, s in scores.items()}",
+           "return {name: s >= threshold for name, s in scores.items()}", "ties at the global threshold kept"),
+    Mutant("ties-kept-layer", AL, "return {name: s > kth_smallest(s, counts[name]) for name, s in scores.items()}",
+           "return {name: s >= kth_smallest(s, counts[name]) for name, s in scores.items()}",
+           "ties at a layer threshold kept"),
+    Mutant("ratio-ties", AL, "counts[name] = int((magnitudes[name] <= threshold).sum().item())",
+           "counts[name] = int((magnitudes[name] < threshold).sum().item())",
+           "Eq. 7 counts magnitudes strictly below the pool threshold"),
+    Mutant("kth-off-by-one", AL, "return torch.kthvalue(values.reshape(-1).float(), min(k, values.numel())).values",
+           "return torch.kthvalue(values.reshape(-1).float(), min(k + 1, values.numel())).values",
+           "the threshold is the (k+1)-th smallest value"),
+    Mutant("row-by-column", AL, "k = int(s.shape[1] * sparsity)", "k = int(s.shape[0] * sparsity)",
+           "Wanda's row groups count the wrong dimension"),
+    # ---------------------------------------------------------------- mask upkeep
+    Mutant("upkeep-no-grad-zero", UP,
+           "_fused_mul([(local(p.grad), kept) for p, kept in pairs if p.grad is not None])",
+           "pass", "gradients of pruned weights are not zeroed"),
+    Mutant("upkeep-no-rezero", UP, "_fused_mul([(local(p), kept) for p, kept in pairs])", "pass",
+           "pruned weights are not re-zeroed (after steps, or when masks are applied)"),
+    Mutant("upkeep-stale-groups", UP, "if cached is None or cached[0] != signature:", "if cached is None:",
+           "parameters that join an optimizer later are never masked"),
+    Mutant("callback-no-post-hook", CB,
+           "self._handles.append(optimizer.register_step_post_hook(self._after_step))", "pass",
+           "the callback never re-zeroes weights after optimizer steps"),
+    Mutant("callback-reuse-leaks", CB, "if self._keeper is not None and current is pl_module:",
+           "if self._keeper is not None:", "a reused callback keeps the first module's masks"),
+    # ---------------------------------------------------------------- inheritance, resume, re-threshold
+    Mutant("inherit-off", RE, "            if source in resolved:\n                resolved[name] = resolved[source]",
+           "            pass", "decoder copies do not inherit their encoder layer's masks",
+           tests=FAST + ("tests/models", "tests/tasks/test_tasks.py")),
+    Mutant("resume-ignored", CB, "        if state_dict.get(\"masks\"):\n            self._restored = state_dict",
+           "        pass", "a checkpoint's masks are ignored when resuming"),
+    Mutant("callback-rethreshold-ignored", CB,
+           "if self.sparsity is None or abs(self.sparsity - result.target_sparsity) < 1e-9:\n            return result",
+           "if True:\n            return result", "masks= with another sparsity applies the file's masks as they are"),
+    # ---------------------------------------------------------------- models nobody here wrote (issue 9)
+    Mutant("mha-fastpath-on", AT, "backend.set_fastpath_enabled(False)", "backend.set_fastpath_enabled(previous)",
+           "torch's fused attention fast paths stay on during calibration (they skip the hooked modules)"),
+    Mutant("mha-inputs-repeated", AT, 'self._record(roles["in_proj"], _distinct((query, key, value)))',
+           'self._record(roles["in_proj"], [query, key, value])',
+           "a packed in_proj weight counts a self-attention input three times"),
+    Mutant("keyword-input-lost", ST, 'x = args[0] if args else kwargs.get("input")', "x = args[0] if args else None",
+           "keyword calls fc(input=x) are not measured"),
+    Mutant("modes-top-level-only", ST,
+           "        for module, training in saved:  # parents before children",
+           "        for module, training in saved[:0]:  # parents before children",
+           "calibration restores only the top-level train/eval flag"),
+    Mutant("tied-embedding-pruned", TG, "if id(weight) in embeddings and not spec.prune_tied_embeddings:",
+           "if False:", "a Linear tied to an embedding is pruned"),
+    Mutant("image-groups-ignored", TG, "filter_tokens = group not in spec.image_groups and",
+           "filter_tokens = True and", "image groups are PAD-filtered like text"),
+    Mutant("presharded-resharded", ST,
+           "    if presharded is not None:\n        yield from _iterate_presharded(",
+           "    if False:\n        yield from _iterate_presharded(", "a DistributedSampler loader is sharded again"),
+    Mutant("lockstep-off", ST, "        yield None, last  # the last group",
+           "        pass  # the last group", "a rank with one batch fewer skips the forward the others run (FSDP2 hangs)"),
+    Mutant("coverage-unchecked", RE, "        if not partial:\n            self._check_coverage(",
+           "        if False:\n            self._check_coverage(", "a partial mask file is applied silently"),
+    Mutant("prefix-first-wins", RE, "    if len(fitting) == 1:\n        return next(iter(fitting.values()))",
+           "    if len(fitting) >= 1:\n        return next(iter(fitting.values()))",
+           "with two candidate prefixes the first is taken silently"),
+    Mutant("itersnip-at-allowed", RE, 'if self.method == "itersnip" and not math.isclose(',
+           'if False and not math.isclose(', ".at() re-thresholds IterSNIP's last-round scores"),
+    Mutant("nearly-empty-silent", EN, "if sparsity >= NEARLY_EMPTY or not masks:", "if True:",
+           "no warning for layers left more than 99% pruned"),
+    Mutant("callback-no-reduce", CB, 'reduce=(lambda t: strategy.reduce(t, reduce_op="sum")) if world > 1 else None',
+           "reduce=None", "the callback does not sum statistics over processes",
+           tests=("tests/pruning/test_core_ddp.py",)),
+    Mutant("fsdp2-masks-unsharded", UP, "    if not is_dtensor(param):\n        return mask.to(param.device, torch.bool)",
+           "    if True:\n        return mask.to(param.device, torch.bool)", "FSDP2 masks are not sharded like their parameters",
+           tests=("tests/pruning/test_fsdp2.py",)),
+    Mutant("rethreshold-same", RE,
+           "self.scores, sparsity, self.allocation, groups=self.groups, magnitudes=self.magnitudes",
+           "self.scores, self.target_sparsity, self.allocation, groups=self.groups, magnitudes=self.magnitudes",
+           ".at() re-thresholds at the old sparsity"),
+)
+
+
+def apply(mutant: Mutant, root: Path) -> None:
+    path = root / mutant.path
+    text = path.read_text()
+    count = text.count(mutant.old)
+    if count != 1:
+        raise SystemExit(f"mutant {mutant.id}: the text to replace occurs {count} times in {mutant.path} (expected 1)")
+    path.write_text(text.replace(mutant.old, mutant.new))
+
+
+def run(mutant: Mutant, timeout: float) -> tuple[str, float, str]:
+    """('killed' | 'survived' | 'timeout', seconds, last output lines) of one mutant."""
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.id}-") as tmp:
+        scratch = Path(tmp)
+        for part in ("mflightning", "tests"):
+            shutil.copytree(ROOT / part, scratch / part, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(ROOT / "pyproject.toml", scratch / "pyproject.toml")
+        apply(mutant, scratch)
+        env = {**os.environ, "PYTHONPATH": str(scratch), "PYTHONDONTWRITEBYTECODE": "1"}
+        probe = subprocess.run([sys.executable, "-c", "import mflightning; print(mflightning.__file__)"],
+                               cwd=scratch, env=env, capture_output=True, text=True)
+        if not probe.stdout.strip().startswith(str(scratch)):
+            raise SystemExit(f"the scratch copy is not the one imported: {probe.stdout or probe.stderr}")
+        start = time.perf_counter()
+        try:
+            done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests],
+                                  cwd=scratch, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "timeout", time.perf_counter() - start, ""
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-3:])
+        return ("survived" if done.returncode == 0 else "killed"), time.perf_counter() - start, tail
+
+
+def report(results: list[tuple[Mutant, str, float, str]], wall: float) -> str:
+    killed = sum(1 for _, status, _, _ in results if status != "survived")
+    lines = [
+        "# Mutation check",
+        "",
+        f"`make mutants` (`python tools/mutants.py`): {killed} of {len(results)} curated mutants killed "
+        f"({100 * killed / max(1, len(results)):.0f}%), {wall / 60:.1f} min wall time.",
+        "",
+        "Each mutant is one exact edit (listed in `tools/mutants.py`) of the engine, the callback or the mask "
+        "upkeep; it is killed when its tests fail.",
+        "",
+        "| mutant | what it breaks | outcome | seconds |",
+        "|---|---|---|---|",
+    ]
+    for mutant, status, seconds, _ in results:
+        outcome = status
+        if status == "survived":
+            outcome = f"survived: equivalent, {mutant.equivalent}" if mutant.equivalent else "**survived: NOT KILLED**"
+        lines.append(f"| `{mutant.id}` | {mutant.what} | {outcome} | {seconds:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", help="mutant ids to run (default: all)")
+    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "mutants.md")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants run at once")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = parser.parse_args(argv)
+    mutants = [m for m in MUTANTS if not args.only or m.id in args.only]
+    if args.list:
+        for m in mutants:
+            print(f"{m.id:<26} {m.path:<36} {m.what}")
+        return 0
+    for m in mutants:  # every edit must still apply before anything runs
+        text = (ROOT / m.path).read_text()
+        if text.count(m.old) != 1:
+            raise SystemExit(f"mutant {m.id}: the text to replace occurs {text.count(m.old)} times in {m.path}")
+    start = time.perf_counter()
+
+    def one(m: Mutant):
+        status, seconds, tail = run(m, args.timeout)
+        print(f"{m.id:<26} {status:<9} {seconds:6.1f}s  {tail.splitlines()[-1] if tail else ''}", flush=True)
+        return m, status, seconds, tail
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(one, mutants))
+    text = report(results, time.perf_counter() - start)
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(text)
+    print(text)
+    return 1 if any(status == "survived" and not m.equivalent for m, status, _, _ in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
