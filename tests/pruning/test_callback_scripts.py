@@ -200,3 +200,33 @@ def test_a_failing_calibration_forward_names_calibration_the_batch_and_the_forwa
     with pytest.raises(CalibrationError, match=r"batch 0: the forward `pl_module\(\*\*batch\).*'label'") as caught:
         trainer(tmp_path, max_steps=1, callbacks=[pruning]).fit(TakesNoLabel(), DataLoader(text_batches(), batch_size=None))
     assert isinstance(caught.value.__cause__, TypeError)
+
+
+class MomentumToy(ToyModule):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
+
+
+class ZeroAfterEveryStep(L.Callback):
+    """Records, after each training batch, whether every pruned weight is exactly zero."""
+
+    def __init__(self, pruning):
+        self.pruning, self.checks = pruning, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.checks.append(zero_where_pruned(self.pruning, pl_module))
+
+
+def test_momentum_restored_from_a_dense_checkpoint_cannot_revive_pruned_weights(tmp_path):
+    """Pruning a dense run on resume: the SGD momentum of the checkpoint predates the masks, so only
+    the re-zeroing after each step keeps the pruned weights at zero (zeroed gradients are not enough)."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "dense", save_last=True)
+    trainer(tmp_path, max_epochs=1, callbacks=[checkpoint], enable_checkpointing=True).fit(
+        MomentumToy(), DataLoader(make_batches(4), batch_size=None)
+    )
+    pruning = MultiFlowCallback(0.6, calibration=make_batches(2), **COMMON)
+    probe = ZeroAfterEveryStep(pruning)
+    trainer(tmp_path, max_epochs=2, callbacks=[pruning, probe]).fit(
+        MomentumToy(), DataLoader(make_batches(4), batch_size=None), ckpt_path=tmp_path / "dense" / "last.ckpt"
+    )
+    assert len(probe.checks) == 4 and all(probe.checks)

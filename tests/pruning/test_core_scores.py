@@ -95,3 +95,21 @@ def test_row_allocation_prunes_each_row_equally():
 def test_unknown_allocation_is_rejected():
     with pytest.raises(ValueError, match="unknown allocation 'nope'"):
         compute_masks({"w": torch.ones(2, 2)}, 0.5, "nope")
+
+
+def test_multiflow_by_hand_on_a_case_where_every_factor_changes_the_mask():
+    # |W| * a = [[4, 1.5, 12], [2, 6, 4]]: S_in = column means [3, 3.75, 8], S_out = row means [35/6, 4]
+    weight = torch.tensor([[2.0, -0.5, 3.0], [-1.0, 2.0, 1.0]])
+    norms = torch.tensor([2.0, 3.0, 4.0])
+    s_out, s_in = torch.tensor([35 / 6, 4.0]), torch.tensor([3.0, 3.75, 8.0])
+    expected = s_out[:, None] * weight.abs() * s_in[None]
+    assert torch.allclose(expected, torch.tensor([[35.0, 10.9375, 140.0], [12.0, 30.0, 32.0]]))
+    scores = multiflow_scores(weight, norms)
+    assert torch.allclose(scores, expected)
+    keep_half = lambda s: s > kth_smallest(s, 3)  # noqa: E731  (prune 3 of 6, as in masks_from_counts)
+    assert keep_half(scores).tolist() == [[True, False, True], [False, False, True]]
+    # the case is asymmetric enough that dropping any factor, or squaring the norm, keeps another half
+    m = weight.abs()
+    for ablated in (m, m * norms, s_out[:, None] * m, m * s_in[None], s_out[:, None] * s_in[None] + 0 * m,
+                    multiflow_scores(weight, norms.square())):
+        assert not torch.equal(keep_half(ablated), keep_half(scores))
