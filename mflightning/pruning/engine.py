@@ -20,6 +20,7 @@ from .stats import (
     ForwardFn,
     ReduceFn,
     TokenMaskFn,
+    clone_inference_tensors,
     collect_gradients,
     collect_input_norms,
     default_forward,
@@ -199,24 +200,7 @@ def _ordinary_transfer(transfer: Callable[[Batch], Batch] | None, device: torch.
     and which carry no version counter; a copy made outside inference mode is an ordinary tensor.
     """
     move = transfer or (lambda batch: move_to_device(batch, device))
-    return lambda batch: _ordinary_tensors(move(batch))
-
-
-def _ordinary_tensors(batch: Batch) -> Batch:
-    """The batch with every inference tensor in (nested) mappings, lists and tuples cloned; the rest as is."""
-    if isinstance(batch, Tensor):
-        return batch.clone() if batch.is_inference() else batch
-    if isinstance(batch, Mapping):
-        copied = {k: _ordinary_tensors(v) for k, v in batch.items()}
-        try:
-            return type(batch)(copied)
-        except TypeError:  # a mapping type that cannot be built from a dict
-            return copied
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_ordinary_tensors(v) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_ordinary_tensors(v) for v in batch)
-    return batch
+    return lambda batch: clone_inference_tensors(move(batch))
 
 
 def _warn_nearly_empty(masks: Mapping[str, Tensor], sparsity: float) -> None:

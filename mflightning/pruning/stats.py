@@ -116,21 +116,37 @@ def default_token_mask(batch: Batch) -> Tensor | None:
     return None
 
 
+def map_tensors(batch: Batch, fn: Callable[[Tensor], Tensor]) -> Batch:
+    """`fn` applied to every tensor in (nested) mappings, lists, tuples and namedtuples; the rest unchanged."""
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        mapped = {k: map_tensors(v, fn) for k, v in batch.items()}
+        try:
+            return type(batch)(mapped)
+        except TypeError:  # a mapping type that cannot be built from a dict
+            return mapped
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(map_tensors(v, fn) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(map_tensors(v, fn) for v in batch)
+    return batch
+
+
 def move_to_device(batch: Batch, device: torch.device) -> Batch:
     """Tensors in (nested) mappings, lists and tuples moved to `device`; the rest unchanged."""
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        moved = {k: move_to_device(v, device) for k, v in batch.items()}
-        try:
-            return type(batch)(moved)
-        except TypeError:  # a mapping type that cannot be built from a dict
-            return moved
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(move_to_device(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(v, device) for v in batch)
-    return batch
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=True))
+
+
+def clone_inference_tensors(batch: Batch) -> Batch:
+    """The batch with inference tensors (made under inference_mode) cloned into ordinary ones.
+
+    Autograd cannot save inference tensors and they carry no version counter. A batch holding
+    none is returned as is (same object and container types).
+    """
+    if not _holds_inference_tensor(batch):
+        return batch
+    return map_tensors(batch, lambda t: t.clone() if t.is_inference() else t)
 
 
 def distributed_sampler_shard(calibration: Iterable[Batch]) -> tuple[int, int] | None:
@@ -492,7 +508,7 @@ def collect_gradients(
         stack.enter_context(torch.enable_grad())
         bar = stack.enter_context(_progress_bar(calibration, num_batches, progress, "gradients"))
         for index, batch in iterator:
-            batch = _clone_inference_tensors(transfer(batch))
+            batch = clone_inference_tensors(transfer(batch))
             value = _call("the loss", label, index, batch, loss, model, batch)
             if not isinstance(value, Tensor) or value.dim() != 0:
                 raise TypeError(f"loss(model, batch) must return a scalar tensor, got {value!r:.80}")
@@ -531,28 +547,6 @@ def _holds_inference_tensor(batch: Batch) -> bool:
 def _restore_requires_grad(params: Mapping[str, Tensor], flags: Mapping[str, bool]) -> None:
     for name, p in params.items():
         p.requires_grad_(flags[name])
-
-
-def _clone_inference_tensors(batch: Batch) -> Batch:
-    """The batch with inference tensors (made under inference_mode) cloned: autograd cannot save them.
-
-    A batch holding none is returned as is (same object and container types).
-    """
-    if not _holds_inference_tensor(batch):
-        return batch
-    if isinstance(batch, Tensor):
-        return batch.clone() if batch.is_inference() else batch
-    if isinstance(batch, Mapping):
-        cloned = {k: _clone_inference_tensors(v) for k, v in batch.items()}
-        try:
-            return type(batch)(cloned)
-        except TypeError:
-            return cloned
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_clone_inference_tensors(v) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_clone_inference_tensors(v) for v in batch)
-    return batch
 
 
 def _check_finite(sums: Mapping[str, Tensor], index: int) -> None:

@@ -10,17 +10,11 @@ from transformers import BertConfig, BertModel
 
 from mflightning import MultiFlowCallback, PruningResult, prune
 from toy_models import GROUPS, ToyModule, make_batches
+from toy_models import quiet_trainer as trainer
 
 COMMON = dict(modalities=GROUPS, exclude=[r"head\."])
 
 
-def trainer(tmp_path, **kwargs) -> L.Trainer:
-    options = dict(
-        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )
-    options.update(kwargs)
-    return L.Trainer(**options)
 
 
 def text_batches(n=6, batch_size=4, length=7, seed=0):

@@ -72,3 +72,13 @@ class ToyModule(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
+    """A one-device CPU Trainer without logger, checkpoints, progress bar or summary (kwargs override)."""
+    options = dict(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    options.update(kwargs)
+    return L.Trainer(**options)
