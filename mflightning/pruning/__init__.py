@@ -1,5 +1,5 @@
 """The pruning engine: pure torch, no Lightning."""
-from .allocation import ALLOCATIONS, compute_masks
+from .allocation import ALLOCATIONS, compute_masks, parse_pattern, pattern_violations
 from .config import PruningConfig, check_method, check_sparsity
 from .engine import prune
 from .methods import METHODS, Method, get_method, register_method
@@ -29,6 +29,8 @@ __all__ = [
     "default_token_mask",
     "find_targets",
     "get_method",
+    "parse_pattern",
+    "pattern_violations",
     "get_preset",
     "prune",
     "register_method",

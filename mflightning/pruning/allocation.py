@@ -90,3 +90,61 @@ def compute_masks(
         pool_groups = groups if allocation == "modality" else {name: "all" for name in scores}
         return masks_from_counts(scores, pooled_ratios(magnitudes, pool_groups, sparsity))
     raise ValueError(f"unknown allocation {allocation!r}; expected one of {ALLOCATIONS}")
+
+
+# ---------------------------------------------------------------------------------------- N:M patterns
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """`"N:M"` -> (N, M): in every row, each run of M consecutive input weights keeps N (0 < N < M)."""
+    parts = pattern.split(":") if isinstance(pattern, str) else []
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"pattern must be 'N:M' with integers 0 < N < M (e.g. '2:4'), got {pattern!r}")
+    n, m = (int(p) for p in parts)
+    if not 0 < n < m:
+        raise ValueError(f"pattern {pattern!r}: N must be in 1..M-1 (N={n}, M={m})")
+    return n, m
+
+
+def pattern_masks(
+    scores: Mapping[str, Tensor], pattern: str, *, dense_if_incompatible: bool = False
+) -> dict[str, Tensor]:
+    """N:M masks: in each row, every run of M consecutive inputs keeps its N highest scores (exactly N).
+
+    A layer whose input width is not a multiple of M is an error naming it, or, with
+    `dense_if_incompatible`, keeps every weight (an all-True mask: dense, and counted as such).
+    """
+    n, m = parse_pattern(pattern)
+    incompatible = [name for name, s in scores.items() if s.dim() != 2 or s.shape[1] % m]
+    if incompatible and not dense_if_incompatible:
+        shapes = ", ".join(f"{name} {tuple(scores[name].shape)}" for name in incompatible[:5])
+        raise ValueError(
+            f"pattern {pattern!r}: {len(incompatible)} layer(s) have an input width that is not a multiple of "
+            f"{m} ({shapes}); exclude them, or keep them dense with dense_if_incompatible=True"
+        )
+    masks = {}
+    for name, s in scores.items():
+        if name in incompatible:
+            masks[name] = torch.ones_like(s, dtype=torch.bool)
+            continue
+        groups = s.float().reshape(s.shape[0], s.shape[1] // m, m)
+        keep = groups.topk(n, dim=-1).indices
+        mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+        masks[name] = mask.reshape(s.shape)
+    return masks
+
+
+def pattern_violations(masks: Mapping[str, Tensor], pattern: str) -> dict[str, int]:
+    """Layers breaking an N:M pattern: name -> number of M-runs keeping more than N (empty: all satisfy it).
+
+    A layer whose input width is not a multiple of M counts all its rows as violations.
+    """
+    n, m = parse_pattern(pattern)
+    bad = {}
+    for name, mask in masks.items():
+        if mask.dim() != 2 or mask.shape[1] % m:
+            bad[name] = int(mask.shape[0])
+            continue
+        kept = mask.reshape(mask.shape[0], mask.shape[1] // m, m).sum(-1)
+        count = int((kept > n).sum())
+        if count:
+            bad[name] = count
+    return bad

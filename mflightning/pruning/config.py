@@ -16,7 +16,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from .allocation import ALLOCATIONS
+from .allocation import ALLOCATIONS, parse_pattern
 from .methods import Method, get_method
 
 # None (the model's `pruning_preset`, else one group), a preset name, a mapping group -> regex;
@@ -43,6 +43,11 @@ class PruningConfig:
         num_batches: use only the first N calibration batches (None: all).
         seed: seed of the random baseline.
         rounds: IterSNIP rounds.
+        pattern: an N:M pattern such as "2:4" or "4:8": in every row, each run of M consecutive
+            input weights keeps its N highest scores (any method); the sparsity is then 1 - N/M
+            (None: derived; another value is an error) and `allocation` does not apply.
+        dense_if_incompatible: with `pattern`, keep layers whose input width is not a multiple of M
+            dense instead of stopping with an error naming them.
     """
 
     sparsity: float | None = None
@@ -56,10 +61,23 @@ class PruningConfig:
     num_batches: int | None = None
     seed: int = 0
     rounds: int = 10
+    pattern: str | None = None
+    dense_if_incompatible: bool = False
 
     def __post_init__(self) -> None:
         if self.sparsity is not None:
             self.sparsity = check_sparsity(self.sparsity)
+        if self.pattern is not None:
+            n, m = parse_pattern(self.pattern)
+            self.pattern = f"{n}:{m}"
+            implied = 1.0 - n / m
+            if self.sparsity is None:
+                self.sparsity = implied
+            elif abs(self.sparsity - implied) > 1e-9:
+                raise ValueError(
+                    f"pattern {self.pattern!r} prunes exactly {implied:g} of each layer, but sparsity={self.sparsity}; "
+                    "leave sparsity unset with a pattern"
+                )
         check_method(self.method, self.allocation)
         if isinstance(self.exclude, str):
             self.exclude = (self.exclude,)

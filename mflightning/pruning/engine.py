@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import scores as S
-from .allocation import compute_masks
+from .allocation import compute_masks, pattern_masks
 from .config import PruningConfig, check_method, check_sparsity  # noqa: F401  (check_* re-exported)
 from .methods import METHODS, Method  # noqa: F401  (METHODS re-exported)
 from .result import SHOWN, PruningResult, apply_masks
@@ -147,7 +147,10 @@ def prune(
 
     if config.invert:
         scores = {name: -s for name, s in scores.items()}
-    masks = compute_masks(scores, sparsity, allocation, groups=groups, magnitudes=magnitudes)
+    if config.pattern is not None:
+        masks = pattern_masks(scores, config.pattern, dense_if_incompatible=config.dense_if_incompatible)
+    else:
+        masks = compute_masks(scores, sparsity, allocation, groups=groups, magnitudes=magnitudes)
     _warn_nearly_empty(masks, sparsity)
     cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
     return PruningResult(
@@ -163,6 +166,7 @@ def prune(
         magnitudes=cpu(magnitudes) if keep_scores and magnitudes is not None else None,
         exclude=config.exclude,
         dense_layers=_dense_layers(model, targets),
+        pattern=config.pattern,
     )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .allocation import compute_masks
+from .allocation import compute_masks, parse_pattern, pattern_masks
 from .config import check_sparsity
 from .targets import find_targets, resolve_modalities
 
@@ -50,6 +50,7 @@ class PruningResult:
     exclude: tuple[str, ...] = ()
     dense_layers: dict[str, int] | None = None
     source: str | None = field(default=None, compare=False)
+    pattern: str | None = None  # "N:M" when every row keeps N of each M consecutive inputs
 
     def __post_init__(self) -> None:
         if not self.version:
@@ -107,7 +108,8 @@ class PruningResult:
     def summary(self) -> str:
         """One line: method, allocation, target and realised sparsity, and what the figure counts."""
         return (
-            f"method={self.method} allocation={self.allocation} invert={self.invert} "
+            f"method={self.method} {f'pattern={self.pattern}' if self.pattern else f'allocation={self.allocation}'} "
+            f"invert={self.invert} "
             f"target={self.target_sparsity:.4f} realised={self.sparsity:.4f} {self.coverage()}"
         )
 
@@ -139,15 +141,28 @@ class PruningResult:
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ re-threshold
-    def at(self, sparsity: float) -> "PruningResult":
-        """A new result at another sparsity from the stored scores (no recalibration).
+    def at(self, sparsity: float | None = None, *, pattern: str | None = None) -> "PruningResult":
+        """A new result at another sparsity, or another N:M `pattern`, from the stored scores (no recalibration).
+
+        Masks made with a pattern keep it: their sparsity is the pattern's, so another sparsity
+        is refused unless a new `pattern` is given.
 
         IterSNIP refuses any sparsity but its own: its scores are those of the last of rounds whose
         schedule was set by the original sparsity. The weights earlier rounds zeroed score 0 and
         ties are pruned, so any threshold prunes at least what those rounds did (a lower sparsity is
         not reachable), and a higher one would not be IterSNIP's schedule either.
         """
+        if pattern is not None:
+            n, m = parse_pattern(pattern)
+            sparsity = 1.0 - n / m
+        elif sparsity is None:
+            raise ValueError("at() needs a sparsity or a pattern")
         sparsity = check_sparsity(sparsity)
+        if self.pattern is not None and pattern is None and not math.isclose(sparsity, self.target_sparsity, abs_tol=1e-12):
+            raise ValueError(
+                f"{self._where()} follow the N:M pattern {self.pattern!r}, whose sparsity is fixed at "
+                f"{self.target_sparsity:g}; pass pattern='N:M' for another pattern"
+            )
         if self.method == "itersnip" and not math.isclose(sparsity, self.target_sparsity, rel_tol=0.0, abs_tol=1e-12):
             raise ValueError(
                 f"{self._where()}: IterSNIP masks cannot be re-thresholded from sparsity {self.target_sparsity} "
@@ -159,10 +174,12 @@ class PruningResult:
                 "this PruningResult holds no scores (a mask-only file?); prune with keep_scores=True "
                 "or load a file saved with include_scores=True"
             )
-        masks = compute_masks(
-            self.scores, sparsity, self.allocation, groups=self.groups, magnitudes=self.magnitudes
-        )
-        return replace(self, masks=masks, target_sparsity=sparsity)
+        pattern = pattern or self.pattern
+        if pattern is not None:
+            masks = pattern_masks(self.scores, pattern)
+        else:
+            masks = compute_masks(self.scores, sparsity, self.allocation, groups=self.groups, magnitudes=self.magnitudes)
+        return replace(self, masks=masks, target_sparsity=sparsity, pattern=pattern and "%d:%d" % parse_pattern(pattern))
 
     # ------------------------------------------------------------------ model
     def masks_for(
@@ -278,7 +295,8 @@ class PruningResult:
             tensors.update({f"score/{n}": s.detach().float().cpu().contiguous() for n, s in self.scores.items()})
             if self.magnitudes is not None:
                 tensors.update(
-                    {f"magnitude/{n}": m.detach().float().cpu().contiguous() for n, m in self.magnitudes.items()}
+                    # OMP's scores are its magnitudes (one tensor): safetensors needs separate storage
+                    {f"magnitude/{n}": _own_storage(m, self.scores.get(n)) for n, m in self.magnitudes.items()}
                 )
         metadata = {
             "format": FORMAT,
@@ -292,6 +310,7 @@ class PruningResult:
             "group_sparsity": json.dumps(self.group_sparsity()),
             "calibration": json.dumps(self.calibration),
             "version": self.version,
+            "pattern": self.pattern or "",
             "exclude": json.dumps(list(self.exclude)),
             "counted": json.dumps({"layers": self.num_layers, "weights": self.num_weights}),
         }
@@ -343,10 +362,19 @@ class PruningResult:
             scores=scores,
             magnitudes=magnitudes,
             version=metadata.get("version", ""),
+            pattern=metadata.get("pattern") or None,
             exclude=tuple(json.loads(metadata.get("exclude", "[]"))),
             dense_layers=None if dense_layers is None else json.loads(dense_layers),
             source=str(path),
         )
+
+
+def _own_storage(tensor: Tensor, other: Tensor | None) -> Tensor:
+    """`tensor` as a contiguous fp32 CPU tensor that shares no memory with `other`."""
+    out = tensor.detach().float().cpu().contiguous()
+    if other is not None and out.data_ptr() == other.detach().float().cpu().contiguous().data_ptr():
+        out = out.clone()
+    return out
 
 
 def package_version() -> str:

@@ -178,3 +178,28 @@ def _fused_mul(pairs: Iterable[tuple[Tensor, Tensor]]) -> None:
         masks.append(mask)
     for tensors, masks in grouped.values():
         torch._foreach_mul_(tensors, masks)
+
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """A bool mask as uint8 bytes, 8 entries per byte (most significant bit first), for checkpoints."""
+    flat = mask.detach().reshape(-1).to("cpu", torch.bool)
+    padded = torch.zeros(-(-flat.numel() // 8) * 8, dtype=torch.uint8)
+    padded[: flat.numel()] = flat
+    return (padded.view(-1, 8) * _BIT_WEIGHTS).sum(1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: Tensor, shape: tuple[int, ...] | list[int]) -> Tensor:
+    """The bool mask of `shape` that `pack_mask` packed (exact, bit for bit)."""
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != -(-numel // 8):
+        raise ValueError(
+            f"a packed mask of shape {tuple(shape)} needs {-(-numel // 8)} uint8 bytes, got "
+            f"{packed.numel()} {packed.dtype}"
+        )
+    bits = packed.reshape(-1, 1).bitwise_and(_BIT_WEIGHTS).ne(0).reshape(-1)
+    return bits[:numel].reshape(tuple(int(s) for s in shape))

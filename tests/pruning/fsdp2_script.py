@@ -55,7 +55,7 @@ def fit(out: Path, mode: str, seed: int, ckpt_path=None):
     module = ShardedToy(seed=seed)
     trainer.fit(module, DataLoader(make_batches(6), batch_size=None), ckpt_path=ckpt_path)
     params = dict(module.named_parameters())
-    full = pruning.state_dict()["masks"]  # gathered: a collective on every rank
+    full = pruning.keeper.full_masks()  # gathered: a collective on every rank
     report = {
         "masks": full,
         "local_mask_numel": {n: m.numel() for n, m in pruning.kept_masks.items()},

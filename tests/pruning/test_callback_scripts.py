@@ -224,3 +224,31 @@ def test_momentum_restored_from_a_dense_checkpoint_cannot_revive_pruned_weights(
         MomentumToy(), DataLoader(make_batches(4), batch_size=None), ckpt_path=tmp_path / "dense" / "last.ckpt"
     )
     assert len(probe.checks) == 4 and all(probe.checks)
+
+
+def test_checkpointed_masks_are_bit_packed_and_old_bool_checkpoints_still_resume(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = MultiFlowCallback(0.7, calibration=make_batches(2), **COMMON)
+    trainer(tmp_path, max_epochs=1, callbacks=[first, checkpoint], enable_checkpointing=True).fit(
+        ToyModule(), DataLoader(make_batches(2), batch_size=None)
+    )
+    path = tmp_path / "ckpt" / "last.ckpt"
+    saved = torch.load(path, weights_only=False)
+    key = next(k for k in saved["callbacks"] if "MultiFlowCallback" in k)
+    state = saved["callbacks"][key]
+    packed_bytes = sum(p.numel() for p in state["packed_masks"].values())
+    weights = sum(m.numel() for m in first.kept_masks.values())
+    assert packed_bytes == sum(-(-n // 8) for n in (m.numel() for m in first.kept_masks.values()))
+    assert packed_bytes * 32 < weights * 4 * 1.05, "about 1/32 of the fp32 weights"
+    # a checkpoint written before packing: bool masks under "masks"
+    saved["callbacks"][key] = {"masks": {n: m.clone() for n, m in first.kept_masks.items()},
+                               "groups": state["groups"], "method": state["method"]}
+    old = tmp_path / "old.ckpt"
+    torch.save(saved, old)
+    for ckpt in (path, old):
+        second = MultiFlowCallback(0.7, calibration=make_batches(2), **COMMON)
+        module = ToyModule(seed=2)
+        trainer(tmp_path, max_epochs=2, callbacks=[second]).fit(module, DataLoader(make_batches(2), batch_size=None),
+                                                              ckpt_path=ckpt)
+        assert module.calibration_calls == 0
+        assert all(torch.equal(second.kept_masks[n], m) for n, m in first.kept_masks.items())

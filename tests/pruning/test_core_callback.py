@@ -9,6 +9,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from mflightning import MultiFlowCallback, PruningResult, prune
+from mflightning.pruning.upkeep import unpack_mask
 from toy_models import GROUPS, ToyModule, make_batches
 from toy_models import quiet_trainer as trainer
 
@@ -99,7 +100,8 @@ def test_resume_restores_masks_without_calibrating(tmp_path):
     trainer(tmp_path, max_epochs=1, callbacks=[first, checkpoint], enable_checkpointing=True).fit(ToyModule(), loader())
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     state = next(v for k, v in saved["callbacks"].items() if "MultiFlowCallback" in k)
-    for name, kept in state["masks"].items():
+    for name, packed in state["packed_masks"].items():
+        kept = unpack_mask(packed, state["mask_shapes"][name])
         assert (saved["state_dict"][name][~kept] == 0).all(), "checkpointed weights must be truly sparse"
 
     resumed_module = ToyModule(seed=5)

@@ -101,3 +101,15 @@ def test_bad_masks_name_the_layer():
         MaskKeeper(model, {"nope.weight": torch.ones(2, 2, dtype=torch.bool)})
     with pytest.raises(ValueError, match="'0.weight'.*\\(6, 8\\).*\\(8, 6\\)"):
         MaskKeeper(model, {"0.weight": torch.ones(6, 8, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5), (16, 13), (2, 3, 4)])
+def test_packed_masks_unpack_bit_for_bit(shape):
+    from mflightning.pruning.upkeep import pack_mask, unpack_mask
+
+    mask = torch.rand(shape) > 0.6
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_mask(packed, list(shape)), mask)
+    with pytest.raises(ValueError, match="needs"):
+        unpack_mask(packed[:-1] if packed.numel() > 1 else torch.zeros(3, dtype=torch.uint8), shape)
