@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .pruning import PruningConfig, PruningResult, prune
 from .pruning.stats import default_forward
-from .pruning.upkeep import MaskKeeper
+from .pruning.upkeep import MaskKeeper, pack_mask, unpack_mask
 
 SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)
 # subclasses of the supported ones whose parameter layout the masks cannot follow (or nobody verified):
@@ -167,22 +167,28 @@ class MultiFlowCallback(Callback):
         self._unwatch()
 
     def state_dict(self) -> dict[str, Any]:
-        """Full masks (True = kept, on CPU), groups and sparsity, so a resumed run needs no recalibration.
+        """Full masks, bit-packed (1 bit per weight), groups and sparsity: a resume needs no recalibration.
 
         Sharded masks are gathered, so under FSDP2 every rank must call this (Lightning does).
         """
         if self._keeper is None:
             return {}
+        full = self._keeper.full_masks()
         return {
-            "masks": self._keeper.full_masks(),
+            "packed_masks": {name: pack_mask(mask) for name, mask in full.items()},
+            "mask_shapes": {name: list(mask.shape) for name, mask in full.items()},
             "groups": dict(self._keeper.groups),
             "method": self.result.method if self.result else self.config.method,
             "target_sparsity": self.result.target_sparsity if self.result else self.sparsity,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Keep the checkpoint's masks until pruning time applies them."""
-        if state_dict.get("masks"):
+        """Keep the checkpoint's masks until pruning time applies them (bit-packed, or bool from older files)."""
+        if state_dict.get("packed_masks"):
+            shapes = state_dict["mask_shapes"]
+            masks = {name: unpack_mask(packed, shapes[name]) for name, packed in state_dict["packed_masks"].items()}
+            self._restored = {**state_dict, "masks": masks}
+        elif state_dict.get("masks"):  # checkpoints written before masks were bit-packed
             self._restored = state_dict
 
     # ------------------------------------------------------------------ queries
