@@ -9,6 +9,7 @@ BENCHMARKS = {
     "core": "mflightning.bench.core",
     "quality": "mflightning.bench.quality",
     "cost": "mflightning.bench.cost",
+    "speed": "mflightning.bench.speed",
 }
 
 
