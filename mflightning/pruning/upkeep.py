@@ -1,7 +1,8 @@
 """Mask upkeep: keep pruned weights at exactly zero while a model trains. Pure torch, no Lightning.
 
 `MaskKeeper` holds one bool mask (True = kept) per pruned parameter and does the three things
-training needs, each with one fused multi-tensor call per (device, dtype) group:
+training needs, each with one fused multi-tensor call per (device, dtype) group on accelerators
+(on CPU, through a small reusable float buffer, which is faster than casting a bool mask per element):
 - `zero_gradients(optimizer)`: before a step (and before gradient clipping), so clipping and the
   optimizer's state only ever see a sparse gradient;
 - `zero_weights(optimizer)`: after every real step (`attach` registers it as a step post-hook, so a
@@ -82,20 +83,21 @@ class MaskKeeper:
         self.groups: dict[str, str] = {name: (groups or {}).get(name, "all") for name in masks}
         self._by_optimizer: dict[int, tuple[tuple, list[tuple[nn.Parameter, Tensor]]]] = {}
         self._handles: list[Any] = []
+        self._buffers: dict[torch.dtype, Tensor] = {}  # CPU float buffers of `_fused_mul`
 
     # ------------------------------------------------------------------ the exact part
     def zero_weights(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Zero the pruned entries of the parameters `optimizer` updates (all masked ones if None)."""
         pairs = self._pairs(optimizer) if optimizer is not None else list(zip(self.params.values(), self.masks.values()))
         with torch.no_grad():
-            _fused_mul([(local(p), kept) for p, kept in pairs])
+            _fused_mul([(local(p), kept) for p, kept in pairs], self._buffers)
 
     def zero_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Zero the gradients of pruned entries (parameters without a gradient are skipped)."""
         pairs = self._pairs(optimizer) if optimizer is not None else list(zip(self.params.values(), self.masks.values()))
         # a non-finite gradient at a pruned entry becomes NaN, which AMP's scaler skips like any inf
         with torch.no_grad():
-            _fused_mul([(local(p.grad), kept) for p, kept in pairs if p.grad is not None])
+            _fused_mul([(local(p.grad), kept) for p, kept in pairs if p.grad is not None], self._buffers)
 
     # ------------------------------------------------------------------ optimizers
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -169,15 +171,41 @@ def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def _fused_mul(pairs: Iterable[tuple[Tensor, Tensor]]) -> None:
-    """`tensor.mul_(mask)` for every pair, one `torch._foreach_mul_` per (device, dtype) group."""
+# CPU: a bool mask multiplied into a float tensor goes through a slow element-wise cast; copying the
+# mask into a float buffer first (a vectorised cast) and multiplying float by float is ~2.5x faster.
+_CPU_CHUNK = 1 << 20  # elements per buffer pass: a 4 MB fp32 buffer, however large the layer
+
+
+def _fused_mul(pairs: Iterable[tuple[Tensor, Tensor]], buffers: dict[torch.dtype, Tensor] | None = None) -> None:
+    """`tensor.mul_(mask)` for every pair: one `torch._foreach_mul_` per (device, dtype) group on
+    accelerators; on CPU through a reusable float buffer (`buffers`, one per dtype, kept by the caller)."""
     grouped: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
     for tensor, mask in pairs:
         tensors, masks = grouped.setdefault((tensor.device, tensor.dtype), ([], []))
         tensors.append(tensor)
         masks.append(mask)
-    for tensors, masks in grouped.values():
-        torch._foreach_mul_(tensors, masks)
+    for (device, dtype), (tensors, masks) in grouped.items():
+        if device.type != "cpu" or not dtype.is_floating_point:
+            torch._foreach_mul_(tensors, masks)
+            continue
+        store = buffers if buffers is not None else {}
+        buffer = store.get(dtype)
+        if buffer is None:
+            buffer = store[dtype] = torch.empty(_CPU_CHUNK, dtype=dtype)
+        for tensor, mask in zip(tensors, masks):
+            _cpu_mul(tensor, mask, buffer)
+
+
+def _cpu_mul(tensor: Tensor, mask: Tensor, buffer: Tensor) -> None:
+    if not tensor.is_contiguous() or not mask.is_contiguous():
+        tensor.mul_(mask)
+        return
+    flat, bits = tensor.view(-1), mask.view(-1).view(torch.uint8)
+    for start in range(0, flat.numel(), buffer.numel()):
+        part = flat[start : start + buffer.numel()]
+        scale = buffer[: part.numel()]
+        scale.copy_(bits[start : start + part.numel()])
+        part.mul_(scale)
 
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)

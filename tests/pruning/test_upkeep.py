@@ -113,3 +113,21 @@ def test_packed_masks_unpack_bit_for_bit(shape):
     assert torch.equal(unpack_mask(packed, list(shape)), mask)
     with pytest.raises(ValueError, match="needs"):
         unpack_mask(packed[:-1] if packed.numel() > 1 else torch.zeros(3, dtype=torch.uint8), shape)
+
+
+def test_cpu_masking_in_buffer_chunks_equals_a_plain_multiply(monkeypatch):
+    """The CPU path copies the mask into a float buffer chunk by chunk: layers larger than a chunk,
+    bf16 and non-contiguous gradients must come out exactly as tensor * mask."""
+    import mflightning.pruning.upkeep as upkeep
+
+    monkeypatch.setattr(upkeep, "_CPU_CHUNK", 7)  # force several chunks per layer
+    torch.manual_seed(0)
+    tensors = [torch.randn(5, 6), torch.randn(4, 4).to(torch.bfloat16), torch.randn(6, 5).t()]
+    masks = [torch.rand(t.shape) > 0.5 for t in tensors]
+    expected = [t * m for t, m in zip(tensors, masks)]
+    upkeep._fused_mul(list(zip(tensors, masks)), {})
+    for got, want in zip(tensors, expected):
+        assert torch.equal(got, want)
+    special = torch.tensor([float("inf"), 1.0, float("nan")])
+    upkeep._fused_mul([(special, torch.tensor([False, False, True]))], {})
+    assert special[0].isnan() and special[1] == 0 and special[2].isnan()  # inf * 0 = NaN, as with mul_
