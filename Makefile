@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --upgrade pip
 	$(VENV)/bin/python -m pip install -c constraints.txt -e ".[test]"
+	# compressed-tensors 0.14, the last release with its own sparse compressors, beside the venv (not
+	# in it: it pins transformers<5) for the export cross-check in tests/test_export_legacy.py
+	$(VENV)/bin/python -m pip install --no-deps --upgrade --target $(VENV)/ct014 compressed-tensors==0.14.0.1
 	touch $(STAMP)
 
 install: $(STAMP)
