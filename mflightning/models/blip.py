@@ -17,14 +17,16 @@ update them independently. In BLIP pretraining the decoder shares everything wit
 except its causal self-attention; the ``blip`` preset mirrors that for masks: the decoder's
 cross-attention and FFN inherit the matching encoder layer's mask, its self-attention
 (``attention.self.*`` and ``attention.output.dense``) keeps its own.
+
+``BlipBackbone`` implements ``VisionLanguageBackbone`` (``mflightning.models.interface``): first
+tokens [ENC] (grounded encoder) and [DEC] (decoder), ITM re-encodes the text with cross-attention,
+captions come from the decoder. Checkpoint reading/writing lives in ``blip_checkpoints.py``, config
+helpers (``tiny_config``, dict forms) in ``blip_config.py``.
 """
 from __future__ import annotations
 
 import copy
-import json
-import logging
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -34,9 +36,11 @@ from transformers import BlipConfig
 from transformers.models.blip.modeling_blip import BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
 
+from mflightning.losses import itc_itm_losses, itc_loss, sample_hard_negatives, shifted_lm_loss
+from mflightning.models.blip_checkpoints import DEFAULT_TEMP, load_backbone, save_backbone, unique_state
+from mflightning.models.blip_config import as_blip_config, config_from_tokenizer, tiny_config
+from mflightning.models.interface import with_first_token
 from mflightning.pruning.presets import register_preset
-
-log = logging.getLogger(__name__)
 
 PRESET_NAME = "blip"
 _PREFIX = r"^(backbone\.)?"
@@ -71,131 +75,20 @@ register_preset(
     "decoder; heads dense; decoder cross-attention/FFN inherit the encoder's masks",
 )
 
-BACKBONE_ARCHITECTURE = "MflightningBlipBackbone"
-HF_ARCHITECTURES = ("BlipForImageTextRetrieval", "BlipForConditionalGeneration", "BlipForQuestionAnswering")
-# Retrieval checkpoints carry no decoder: take it from the captioning checkpoint of the same size.
-DEFAULT_DECODER_SOURCE = {
-    "Salesforce/blip-itm-base-coco": "Salesforce/blip-image-captioning-base",
-    "Salesforce/blip-itm-large-coco": "Salesforce/blip-image-captioning-large",
-    "Salesforce/blip-itm-base-flickr": "Salesforce/blip-image-captioning-base",
-    "Salesforce/blip-itm-large-flickr": "Salesforce/blip-image-captioning-large",
-}
-COMPONENTS = ("vision_model", "text_encoder", "text_decoder", "vision_proj", "text_proj", "itm_head", "temp")
-DEFAULT_TEMP = 0.07
-WEIGHTS_NAME = "model.safetensors"
 TIED_PARTS = ("crossattention", "intermediate", "output")  # shared in BLIP pretraining
-
-
-def tiny_config(
-    vocab_size: int,
-    hidden_size: int = 32,
-    num_layers: int = 1,
-    num_heads: int = 2,
-    image_size: int = 32,
-    patch_size: int = 16,
-    bos_token_id: int | None = None,
-    pad_token_id: int = 0,
-    sep_token_id: int | None = None,
-    max_position_embeddings: int = 64,
-    embed_dim: int = 16,
-    enc_token_id: int | None = None,
-) -> BlipConfig:
-    """A small random BLIP config for tests and smoke runs (hidden 32, 1 layer, 32 px images)."""
-    text = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        encoder_hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=bos_token_id if bos_token_id is not None else vocab_size - 2,  # [DEC], [ENC] last
-        pad_token_id=pad_token_id,
-        sep_token_id=sep_token_id if sep_token_id is not None else 3,
-        eos_token_id=sep_token_id if sep_token_id is not None else 3,
-    )
-    vision = dict(
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        image_size=image_size,
-        patch_size=patch_size,
-        initializer_range=0.02,
-    )
-    config = BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=embed_dim)
-    config.enc_token_id = enc_token_id if enc_token_id is not None else text["bos_token_id"] + 1
-    return config
-
-
-def as_blip_config(config: BlipConfig | Mapping[str, Any]) -> BlipConfig:
-    """Accept a BlipConfig or its dict form (``text_config``/``vision_config`` sub-dicts, YAML-friendly)."""
-    if isinstance(config, BlipConfig):
-        return config
-    if not isinstance(config, Mapping):
-        raise TypeError(f"BLIP config must be a BlipConfig or a dict, got {type(config).__name__}")
-    unknown = set(config) - set(BlipConfig().to_dict()) - {"text_config", "vision_config"}
-    if unknown:
-        raise ValueError(f"unknown BLIP config keys {sorted(unknown)}")
-    return BlipConfig(**dict(config))
-
-
-def with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
-    """Copy of ``input_ids`` whose first token is ``token_id`` ([ENC] / [DEC] replace [CLS])."""
-    out = input_ids.clone()
-    out[:, 0] = token_id
-    return out
-
-
-def shifted_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0, per_sequence: bool = False
-) -> torch.Tensor:
-    """Next-token cross-entropy in fp32 (labels -100 ignored): mean over tokens, or summed per sequence."""
-    pred = logits[:, :-1].float()
-    target = labels[:, 1:]
-    loss = F.cross_entropy(
-        pred.reshape(-1, pred.size(-1)), target.reshape(-1), ignore_index=-100,
-        label_smoothing=label_smoothing, reduction="none",
-    ).view(target.shape)
-    if per_sequence:
-        return loss.sum(1)
-    n_tokens = (target != -100).sum()
-    if n_tokens == 0:
-        raise ValueError("LM loss: every label is ignored (-100); check prompt length and padding")
-    return loss.sum() / n_tokens
-
-
-def itc_loss(
-    image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor,
-    image_idx: torch.Tensor, text_image_idx: torch.Tensor,
-) -> torch.Tensor:
-    """Image-text contrastive loss; every pair sharing an image index is a positive (soft targets)."""
-    sim_i2t = image_feat.float() @ text_feat.float().t() / temp.float()
-    positives = (image_idx.view(-1, 1) == text_image_idx.view(1, -1)).float()
-    targets_i2t = positives / positives.sum(1, keepdim=True).clamp_min(1)
-    targets_t2i = positives.t() / positives.t().sum(1, keepdim=True).clamp_min(1)
-    loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * targets_i2t).sum(1).mean()
-    loss_t2i = -(F.log_softmax(sim_i2t.t(), dim=1) * targets_t2i).sum(1).mean()
-    return (loss_i2t + loss_t2i) / 2
-
-
-def sample_hard_negatives(sim: torch.Tensor, same_image: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row pick one column with probability softmax(sim) among columns of another image.
-
-    Returns (rows, columns) of the rows that have at least one valid negative (a batch whose
-    captions all describe one image has none, and those rows are left out).
-    """
-    weights = F.softmax(sim.detach().float(), dim=1) + 1e-5
-    weights = weights.masked_fill(same_image, 0.0)
-    rows = torch.nonzero(weights.sum(1) > 0).flatten()
-    if rows.numel() == 0:
-        return rows, rows
-    cols = torch.multinomial(weights[rows], 1, generator=generator).flatten()
-    return rows, cols
+# Backbone parts each task never runs in training (frozen by the task modules).
+UNUSED_PARTS = {
+    "retrieval": ("text_decoder",),
+    "captioning": ("text_encoder", "vision_proj", "text_proj", "itm_head", "temp"),
+    "vqa": ("vision_proj", "text_proj", "itm_head", "temp"),
+}
 
 
 class BlipBackbone(nn.Module):
-    """BLIP image encoder + image-grounded text encoder + text decoder + ITC/ITM heads (one name space)."""
+    """BLIP image encoder + image-grounded text encoder + text decoder + ITC/ITM heads (one name space).
+
+    Implements ``VisionLanguageBackbone``.
+    """
 
     pruning_preset = PRESET_NAME
 
@@ -288,30 +181,31 @@ class BlipBackbone(nn.Module):
         """Randomly initialised backbone from a BlipConfig or its dict form."""
         return cls(config, temp=temp, tie_decoder=tie_decoder)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (tied LM-head aliases stored once)."""
-        from safetensors.torch import save_file
+    @classmethod
+    def from_spec(cls, spec: Any, tokenizer: Any, decoder_from: str | None = None) -> "BlipBackbone":
+        """Backbone from a hub name / local dir, a config dict (token ids and vocab filled from the tokenizer)
+        or an existing ``BlipBackbone``; always untied (encoder and decoder train as separate copies)."""
+        if isinstance(spec, cls):
+            backbone = spec
+        elif isinstance(spec, (str, os.PathLike)):
+            backbone = cls.from_pretrained(spec, decoder_from=decoder_from)
+        elif isinstance(spec, Mapping):
+            backbone = cls.from_config(config_from_tokenizer(spec, tokenizer))
+        elif spec is None:
+            raise ValueError("backbone is required: a BLIP checkpoint name/path or a config dict")
+        else:
+            raise TypeError(f"backbone must be a name/path, a config dict or a BlipBackbone, got {type(spec).__name__}")
+        backbone.untie_decoder_()
+        backbone.check_tokenizer(tokenizer)
+        return backbone
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = self.config.to_dict()
-        config["architectures"] = [BACKBONE_ARCHITECTURE]
-        (directory / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        state = {name: t.detach().contiguous().cpu() for name, t in self._unique_state().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        return directory
+    def save_pretrained(self, directory: str | os.PathLike):
+        """Write ``config.json`` + ``model.safetensors`` (tied LM-head aliases stored once); returns the dir."""
+        return save_backbone(self, directory)
 
     def _unique_state(self) -> dict[str, torch.Tensor]:
         """State dict without tied aliases (same storage seen under two names keeps its first name)."""
-        seen: set[tuple[int, tuple[int, ...]]] = set()
-        out: dict[str, torch.Tensor] = {}
-        for name, tensor in self.state_dict().items():
-            key = (tensor.data_ptr(), tuple(tensor.shape))
-            if key in seen:
-                continue
-            seen.add(key)
-            out[name] = tensor
-        return out
+        return unique_state(self)
 
     @classmethod
     def from_pretrained(
@@ -334,83 +228,17 @@ class BlipBackbone(nn.Module):
         decoder's cross-attention/FFN with the encoder after loading (the encoder's weights win);
         None keeps the saved layout (HF checkpoints: untied).
         """
-        source = str(name_or_path)
-        raw_config = _read_json(source, "config.json", hub_kwargs)
-        architectures = raw_config.get("architectures") or []
-        if BACKBONE_ARCHITECTURE in architectures:
-            config = BlipConfig.from_dict(raw_config)
-            model = cls(config)
-            state = _read_state_dict(source, hub_kwargs)
-            loaded = model._load_mapped(state, source, components=COMPONENTS)
-            model._check_missing(loaded, source, allow_missing=allow_missing)
-            return _set_tied(model, tie_decoder)
-        architecture = next((a for a in architectures if a in HF_ARCHITECTURES), None)
-        if architecture is None:
-            raise ValueError(
-                f"{source}: config.json architectures {architectures} is not a supported BLIP checkpoint; "
-                f"expected one of {list(HF_ARCHITECTURES)} or {BACKBONE_ARCHITECTURE}"
-            )
-        config = BlipConfig.from_dict(raw_config)
-        model = cls(config)
-        state = _read_state_dict(source, hub_kwargs)
-        loaded = model._load_mapped(state, source, components=COMPONENTS)
-        has_decoder = any(name.startswith("text_decoder.") for name in loaded)
-        if not has_decoder:
-            decoder_from = decoder_from or DEFAULT_DECODER_SOURCE.get(source)
-            if decoder_from is not None:
-                decoder_state = _read_state_dict(str(decoder_from), hub_kwargs)
-                decoder_state = {k: v for k, v in decoder_state.items() if not k.startswith("vision_model.")}
-                loaded |= model._load_mapped(decoder_state, str(decoder_from), components=("text_decoder",))
-        if not any(name == "temp" for name in loaded):
-            loaded.add("temp")
-            log.info("%s has no ITC temperature; starting from %s", source, DEFAULT_TEMP)
-        model._check_missing(loaded, source, allow_missing=allow_missing)
-        return _set_tied(model, tie_decoder)
+        return load_backbone(cls, name_or_path, decoder_from, allow_missing, tie_decoder, hub_kwargs)
 
-    def _load_mapped(self, state: Mapping[str, torch.Tensor], source: str, components: tuple[str, ...]) -> set[str]:
-        """Copy checkpoint tensors into same-named parameters/buffers; returns the names loaded.
+    def unused_parts(self, task: str) -> tuple[str, ...]:
+        """Parts ``task`` never runs: the decoder for retrieval, the encoder and ITC/ITM heads for captioning."""
+        if task not in UNUSED_PARTS:
+            raise ValueError(f"unknown task {task!r}: BlipBackbone knows {sorted(UNUSED_PARTS)}")
+        return UNUSED_PARTS[task]
 
-        Tied aliases (the LM head's decoder weight/bias) and the non-persistent ``position_ids``
-        buffers are accepted and skipped; any other key that does not map is an error.
-        """
-        own = self.state_dict(keep_vars=True)
-        unique = set(self._unique_state())
-        unexpected, mismatched, loaded = [], [], set()
-        for key, value in state.items():
-            if key.endswith("position_ids"):
-                continue
-            if key.split(".", 1)[0] not in components or key not in own:
-                unexpected.append(key)
-                continue
-            if key not in unique:  # tied alias: its storage is loaded under the first name
-                continue
-            target = own[key]
-            if tuple(target.shape) != tuple(value.shape):
-                mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
-                continue
-            with torch.no_grad():
-                target.copy_(value.to(target.dtype))
-            loaded.add(key)
-        if unexpected or mismatched:
-            lines = []
-            if unexpected:
-                lines.append(f"{len(unexpected)} unexpected keys, e.g. {sorted(unexpected)[:8]}")
-            if mismatched:
-                lines.append(f"{len(mismatched)} shape mismatches, e.g. {mismatched[:8]}")
-            raise ValueError(f"{source}: checkpoint does not match BlipBackbone: " + "; ".join(lines))
-        return loaded
-
-    def _check_missing(self, loaded: set[str], source: str, allow_missing: tuple[str, ...]) -> None:
-        """Raise naming the components (and a few keys) that no checkpoint provided."""
-        missing = [k for k in self._unique_state() if k not in loaded]
-        missing = [k for k in missing if k.split(".", 1)[0] not in allow_missing]
-        if missing:
-            parts = sorted({k.split(".", 1)[0] for k in missing})
-            raise ValueError(
-                f"{source}: {len(missing)} backbone weights missing from the checkpoint (components "
-                f"{parts}, e.g. {missing[:6]}); pass decoder_from=<captioning/VQA checkpoint> for the "
-                f"decoder or allow_missing={tuple(parts)} to keep them randomly initialised"
-            )
+    def add_decoder_(self) -> "BlipBackbone":
+        """No-op: BLIP always holds its decoder."""
+        return self
 
     # ----------------------------------------------------------------- forward pieces
     @property
@@ -480,49 +308,51 @@ class BlipBackbone(nn.Module):
         logits = self.decode(with_first_token(input_ids, self.dec_token_id), attention_mask, image_embeds)
         return {"image_embeds": image_embeds, "grounded_states": grounded, "decoder_logits": logits}
 
+    # ----------------------------------------------------------------- task members (VisionLanguageBackbone)
+    def match_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor,
+                     text_states: torch.Tensor | None = None) -> torch.Tensor:
+        """ITM logits ``(B, 2)``: the grounded encoder re-reads the text ([ENC] first; ``text_states`` unused)."""
+        return self.itm_logits(self.encode_grounded(input_ids, attention_mask, image_embeds))
 
-def _set_tied(model: BlipBackbone, tie_decoder: bool | None) -> BlipBackbone:
-    if tie_decoder is True:
-        return model.tie_decoder_()
-    if tie_decoder is False:
-        return model.untie_decoder_()
-    return model
+    def caption_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       image_embeds: torch.Tensor) -> torch.Tensor:
+        """Captioning LM logits ``(B, L, V)``: the decoder ([DEC] first) attending to the image tokens."""
+        return self.decode(input_ids, attention_mask, image_embeds)
 
+    @torch.no_grad()
+    def generate_caption(self, prompt_ids: torch.Tensor, image_embeds: torch.Tensor, *, num_beams: int,
+                         min_length: int, max_length: int, eos_token_id: int, pad_token_id: int,
+                         repetition_penalty: float = 1.0) -> list[list[int]]:
+        """transformers beam search with the decoder from ``prompt_ids`` ([DEC] first); ids after the prompt."""
+        output = self.text_decoder.generate(
+            input_ids=prompt_ids,
+            attention_mask=torch.ones_like(prompt_ids),
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=self.image_attention_mask(image_embeds),
+            num_beams=num_beams,
+            min_length=min_length,
+            max_length=max_length,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            do_sample=False,
+        )
+        return output[:, prompt_ids.size(1):].tolist()
 
-def _read_json(source: str, filename: str, hub_kwargs: Mapping[str, Any]) -> dict:
-    from transformers.utils.hub import cached_file
-
-    path = cached_file(source, filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
-    if path is None:
-        raise FileNotFoundError(f"{source}: no {filename} (expected a BLIP checkpoint directory or hub name)")
-    return json.loads(Path(path).read_text())
-
-
-def _read_state_dict(source: str, hub_kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint: model.safetensors, its sharded index, or pytorch_model.bin."""
-    from safetensors.torch import load_file
-    from transformers.utils.hub import cached_file
-
-    def find(name: str) -> str | None:
-        return cached_file(source, name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
-
-    if (path := find("model.safetensors")) is not None:
-        return load_file(path)
-    if (index := find("model.safetensors.index.json")) is not None:
-        shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            shard_path = find(shard)
-            if shard_path is None:
-                raise FileNotFoundError(f"{source}: shard {shard} listed in the index is missing")
-            state.update(load_file(shard_path))
-        return state
-    if (path := find("pytorch_model.bin")) is not None:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{source}: no model.safetensors, sharded index or pytorch_model.bin")
+    def pretraining_losses(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           image_idx: torch.Tensor, tokenizer: Any = None) -> dict[str, torch.Tensor]:
+        """BLIP's three pretraining losses: ITC, ITM (hard negatives) and LM (label smoothing 0.1)."""
+        image_embeds = self.encode_image(image)
+        itc, itm = itc_itm_losses(self, image_embeds, input_ids, attention_mask, image_idx)
+        dec_ids = with_first_token(input_ids, self.dec_token_id)
+        labels = dec_ids.masked_fill(attention_mask == 0, -100)
+        logits = self.decode(dec_ids, attention_mask, image_embeds)
+        return {"itc": itc, "itm": itm, "lm": shifted_lm_loss(logits, labels, label_smoothing=0.1)}
 
 
 __all__ = [
-    "BlipBackbone", "tiny_config", "as_blip_config", "with_first_token", "shifted_lm_loss", "itc_loss",
-    "sample_hard_negatives", "PRESET_NAME", "BLIP_GROUPS", "BLIP_EXCLUDE", "BLIP_INHERIT",
+    "BlipBackbone", "tiny_config", "as_blip_config", "config_from_tokenizer", "PRESET_NAME", "BLIP_GROUPS",
+    "BLIP_EXCLUDE", "BLIP_INHERIT", "UNUSED_PARTS",
+    # moved to mflightning.losses / mflightning.models.interface; importable from here as before
+    "with_first_token", "shifted_lm_loss", "itc_loss", "sample_hard_negatives",
 ]

@@ -1,5 +1,6 @@
-"""Downstream tasks (LightningModules): retrieval, captioning, VQA on BLIP and XVLM-style backbones."""
-from mflightning.tasks.base import BlipTaskModule
+"""Downstream tasks (LightningModules): retrieval, captioning, VQA, each written once against
+``mflightning.models.interface.VisionLanguageBackbone``; the XVLM classes set XVLM's settings."""
+from mflightning.tasks.base import BlipTaskModule, TaskModule
 from mflightning.tasks.captioning import CaptioningModule
 from mflightning.tasks.retrieval import RetrievalModule
 from mflightning.tasks.vqa import VQAModule
@@ -9,6 +10,7 @@ __all__ = [
     "BlipTaskModule",
     "CaptioningModule",
     "RetrievalModule",
+    "TaskModule",
     "VQAModule",
     "XVLMCaptioningModule",
     "XVLMRetrievalModule",

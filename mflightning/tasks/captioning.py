@@ -1,4 +1,4 @@
-"""Image captioning with BLIP's decoder: prompted LM training, beam-search generation, COCO metrics."""
+"""Image captioning on any backbone: prompted LM training, beam-search generation, COCO metrics."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -6,8 +6,8 @@ from typing import Any, Mapping
 import torch
 
 from mflightning.metrics import caption_scores
-from mflightning.models.blip import shifted_lm_loss, with_first_token
-from mflightning.tasks.base import EvaluationLoop, BlipTaskModule, _require
+from mflightning.losses import shifted_lm_loss
+from mflightning.tasks.base import EvaluationLoop, TaskModule, _require
 from mflightning.tasks.distributed import broadcast_from_zero, dedupe, gather_objects
 
 
@@ -18,17 +18,19 @@ def coco_image_id(image_id: Any) -> Any:
     return image_id
 
 
-class CaptioningModule(EvaluationLoop, BlipTaskModule):
-    """BLIP captioning (COCO Karpathy protocol).
+class CaptioningModule(EvaluationLoop, TaskModule):
+    """Captioning (COCO Karpathy protocol), BLIP's settings by default.
 
-    Training: LM loss with label smoothing on ``"<prompt><caption>"`` (first token replaced by
-    [DEC]); prompt tokens and padding are not in the loss. Evaluation: beam search (``num_beams``,
+    Training: LM loss with label smoothing on ``"<prompt><caption>"`` (first token the backbone's
+    ``dec_token_id``: BLIP's [DEC]; XVLM keeps [CLS]) through the backbone's ``caption_logits``
+    (BLIP: its decoder; XVLM: the text + fusion layers with causal masks); prompt tokens and padding
+    are not in the loss. Evaluation: the backbone's beam search (``num_beams``,
     ``min_length``/``max_length`` count the prompt tokens, as in BLIP), captions gathered across
     processes (deduplicated by ``image_id``), scored with ``caption_scores`` (``val/bleu4``,
     ``val/cider`` ...) and written as a COCO results JSON ``[{"image_id", "caption"}]``.
     """
 
-    unused_parts = ("text_encoder", "vision_proj", "text_proj", "itm_head", "temp")
+    task = "captioning"
 
     def __init__(
         self, *args: Any, prompt: str = "a picture of ", label_smoothing: float = 0.1, num_beams: int = 3,
@@ -54,10 +56,10 @@ class CaptioningModule(EvaluationLoop, BlipTaskModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         _require(batch, ("image", "input_ids", "attention_mask"), "captioning train batch")
         image_embeds = self.backbone.encode_image(batch["image"])
-        input_ids = with_first_token(batch["input_ids"], self.dec_token_id)
+        input_ids = self.decoder_ids(batch["input_ids"])
         labels = input_ids.masked_fill(batch["attention_mask"] == 0, -100)
         labels[:, : self.prompt_length] = -100
-        logits = self.backbone.decode(input_ids, batch["attention_mask"], image_embeds)
+        logits = self.backbone.caption_logits(input_ids, batch["attention_mask"], image_embeds)
         loss = shifted_lm_loss(logits, labels, label_smoothing=self.label_smoothing)
         self.log("train/loss", loss, prog_bar=True, batch_size=input_ids.size(0))
         return loss
@@ -67,21 +69,12 @@ class CaptioningModule(EvaluationLoop, BlipTaskModule):
         """Captions for a batch of images (prompt removed)."""
         image_embeds = self.backbone.encode_image(image)
         prompt = self.tokenizer([self.prompt] * image.size(0), return_tensors="pt").input_ids[:, :-1]
-        prompt = with_first_token(prompt, self.dec_token_id).to(image.device)
-        output = self.backbone.text_decoder.generate(
-            input_ids=prompt,
-            attention_mask=torch.ones_like(prompt),
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=self.backbone.image_attention_mask(image_embeds),
-            num_beams=self.num_beams,
-            min_length=self.min_length,
-            max_length=self.max_length,
-            repetition_penalty=self.repetition_penalty,
-            eos_token_id=self.sep_token_id,
-            pad_token_id=self.pad_token_id,
-            do_sample=False,
+        prompt = self.decoder_ids(prompt).to(image.device)
+        generated = self.backbone.generate_caption(
+            prompt, image_embeds, num_beams=self.num_beams, min_length=self.min_length, max_length=self.max_length,
+            eos_token_id=self.sep_token_id, pad_token_id=self.pad_token_id, repetition_penalty=self.repetition_penalty,
         )
-        return [text.strip() for text in self.tokenizer.batch_decode(output[:, prompt.size(1):], skip_special_tokens=True)]
+        return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
     # ----------------------------------------------------------------- evaluation
     def _eval_step(self, batch: Mapping[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Generative VQA with BLIP: weighted answer LM training, ranking of a fixed answer list at inference."""
+"""Generative VQA on any backbone: weighted answer LM training, ranking of a fixed answer list at inference."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from mflightning.metrics import vqa_accuracy
-from mflightning.models.blip import shifted_lm_loss, with_first_token
-from mflightning.tasks.base import EvaluationLoop, BlipTaskModule, _require
+from mflightning.losses import shifted_lm_loss
+from mflightning.tasks.base import EvaluationLoop, TaskModule, _require
 from mflightning.tasks.distributed import dedupe, gather_objects
 
 TRAIN_KEYS = ("image", "question_input_ids", "question_attention_mask", "answer_input_ids",
@@ -37,21 +37,22 @@ def load_answer_list(answer_list: str | os.PathLike | Sequence[str]) -> list[str
     return list(answer_list)
 
 
-class VQAModule(EvaluationLoop, BlipTaskModule):
-    """BLIP VQA (VQA v2 protocol).
+class VQAModule(EvaluationLoop, TaskModule):
+    """Generative VQA (VQA v2 protocol), BLIP's settings by default.
 
-    The question is encoded by the image-grounded text encoder (first token [ENC]); the answer is
-    decoded by the decoder (first token [DEC]) attending to the question states. Training: per
-    answer LM loss (summed over its tokens, label smoothing ``label_smoothing``) times its weight,
-    summed per question, averaged over the batch. Inference ranks ``answer_list``: the top
-    ``k_test`` (capped) by first-token probability, re-ranked by the answer's full log-likelihood.
-    Predictions ``[{"question_id", "answer"}]`` are written as JSON; VQA accuracy is logged when
-    the eval batches carry ``answers``.
+    The question is encoded by the backbone's image-grounded encoder (BLIP: first token [ENC];
+    XVLM: text then fusion encoder); the answer is decoded by its answer decoder (BLIP: first token
+    [DEC]; XVLM: a copy of the fusion layers, added here if absent) attending to the question
+    states. Training: per answer LM loss (summed over its tokens, label smoothing
+    ``label_smoothing``) times its weight, summed per question, averaged over the batch.
+    Inference ranks ``answer_list``: the top ``k_test`` (capped) by first-token probability,
+    re-ranked by the answer's full log-likelihood. Predictions ``[{"question_id", "answer"}]`` are
+    written as JSON; VQA accuracy is logged when the eval batches carry ``answers``.
 
     ``answer_list``: JSON path or list; None uses the datamodule's ``answer_list`` attribute.
     """
 
-    unused_parts = ("vision_proj", "text_proj", "itm_head", "temp")
+    task = "vqa"
 
     def __init__(
         self, *args: Any, answer_list: str | list[str] | None = None, k_test: int = 128,
@@ -69,10 +70,15 @@ class VQAModule(EvaluationLoop, BlipTaskModule):
         self._answer_tokens: tuple[torch.Tensor, torch.Tensor] | None = None
         self._eval_outputs: list[tuple[int, str, list[str] | None]] = []
 
+    def prepare_backbone(self) -> None:
+        """The answer decoder (a copy of the fusion layers for XVLM), added before freezing so its own
+        LM-head transform and bias train like the rest of it."""
+        self.backbone.add_decoder_()
+
     def encode_question(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Image-grounded question states ``(B, L, D)``."""
         image_embeds = self.backbone.encode_image(image)
-        return self.backbone.encode_grounded(with_first_token(input_ids, self.enc_token_id), attention_mask, image_embeds)
+        return self.backbone.encode_grounded(self.grounded_ids(input_ids), attention_mask, image_embeds)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         _require(batch, TRAIN_KEYS, "VQA train batch")
@@ -85,7 +91,7 @@ class VQAModule(EvaluationLoop, BlipTaskModule):
         q_states = self.encode_question(batch["image"], batch["question_input_ids"], q_mask)
         q_states = q_states.repeat_interleave(n_answers, dim=0)
         q_mask = q_mask.repeat_interleave(n_answers, dim=0)
-        answer_ids = with_first_token(answer_ids, self.dec_token_id)
+        answer_ids = self.decoder_ids(answer_ids)
         labels = answer_ids.masked_fill(batch["answer_attention_mask"] == 0, -100)
         logits = self.backbone.decode(answer_ids, batch["answer_attention_mask"], q_states, q_mask)
         per_answer = shifted_lm_loss(logits, labels, label_smoothing=self.label_smoothing, per_sequence=True)
@@ -95,7 +101,7 @@ class VQAModule(EvaluationLoop, BlipTaskModule):
 
     # ----------------------------------------------------------------- answer ranking
     def _answers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The answer list tokenized once (first token [DEC]), on this module's device."""
+        """The answer list tokenized once (first token the backbone's ``dec_token_id``), on this module's device."""
         if self.answer_list is None:
             datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
             source = getattr(datamodule, "answer_list", None)
@@ -106,7 +112,7 @@ class VQAModule(EvaluationLoop, BlipTaskModule):
             tokens = self.tokenizer(self.answer_list, padding="longest", return_tensors="pt")
             if tokens.input_ids.size(1) < 2:
                 raise ValueError("answer list tokenizes to no answer tokens")
-            ids = with_first_token(tokens.input_ids, self.dec_token_id).to(self.device)
+            ids = self.decoder_ids(tokens.input_ids).to(self.device)
             self._answer_tokens = (ids, tokens.attention_mask.to(self.device))
         return self._answer_tokens
 

@@ -1,6 +1,7 @@
-"""Evaluate the three tiny tasks on 1 or 2 CPU processes and print their metrics as JSON (rank 0).
+"""Evaluate the three tiny tasks of one backbone family on 1 or 2 CPU processes and print their metrics
+as JSON (rank 0).
 
-Run as a script (DDP re-executes this command per rank): python ddp_eval_script.py DEVICES WORKDIR
+Run as a script (DDP re-executes this command per rank): python ddp_eval_script.py DEVICES WORKDIR FAMILY
 """
 import json
 import os
@@ -11,24 +12,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
-from blip_task_fixtures import (ANSWERS, TINY_BACKBONE, caption_loaders, make_tokenizer,  # noqa: E402
-                                retrieval_loaders, trainer_kwargs, vqa_loaders)
-from mflightning.tasks import CaptioningModule, RetrievalModule, VQAModule  # noqa: E402
+from task_fixtures import (FAMILIES, caption_loaders, make_tokenizer, retrieval_loaders,  # noqa: E402
+                           trainer_kwargs, vqa_loaders)
 
 
-def main(devices: int, workdir: str) -> None:
+def main(devices: int, workdir: str, family: str) -> None:
     os.makedirs(workdir, exist_ok=True)
     tokenizer = make_tokenizer(workdir)
     out = {}
     # 5 images / 10 questions: with 2 processes the sampler pads (an image seen twice).
     tasks = [
-        ("retrieval", RetrievalModule, {"k_test": 4}, retrieval_loaders(tokenizer, n_images=5, eval_batch_size=1)[1]),
-        ("captioning", CaptioningModule, {"max_length": 9}, caption_loaders(tokenizer, n_images=5, batch_size=1)[1]),
-        ("vqa", VQAModule, {"answer_list": ANSWERS, "k_test": 4}, vqa_loaders(tokenizer, n_images=5, batch_size=1)[1]),
+        ("retrieval", {"k_test": 4, "itm_batch_size": 3}, retrieval_loaders(tokenizer, n_images=5, eval_batch_size=1)[1]),
+        ("captioning", {"max_length": 9}, caption_loaders(tokenizer, n_images=5, batch_size=1)[1]),
+        ("vqa", {"k_test": 4}, vqa_loaders(tokenizer, n_images=5, batch_size=1)[1]),
     ]
-    for name, cls, extra, loader in tasks:
+    for name, extra, loader in tasks:
         pl.seed_everything(0)
-        module = cls(backbone=TINY_BACKBONE, tokenizer=tokenizer, output_dir=os.path.join(workdir, f"{devices}"), **extra)
+        module = FAMILIES[family].module(name, tokenizer, output_dir=os.path.join(workdir, f"{devices}"), **extra)
         trainer = pl.Trainer(**trainer_kwargs(workdir, devices=devices, strategy="ddp" if devices > 1 else "auto"))
         trainer.validate(module, loader)
         out[name] = module.eval_results["val"]
@@ -44,4 +44,4 @@ def main(devices: int, workdir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2])
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3])

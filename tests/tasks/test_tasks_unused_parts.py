@@ -1,9 +1,12 @@
-"""Every trainable parameter of each task gets a gradient, so plain DDP (no unused-parameter search) works."""
+"""Every trainable parameter of each task gets a gradient, so plain DDP (no unused-parameter search) works;
+what stays frozen is what the backbone names as the task's unused parts."""
 import lightning.pytorch as pl
 import pytest
 
-from blip_task_fixtures import ANSWERS, TINY_BACKBONE, caption_loaders, make_tokenizer, retrieval_loaders, trainer_kwargs, vqa_loaders
-from mflightning.tasks import CaptioningModule, RetrievalModule, VQAModule
+from task_fixtures import FAMILIES, caption_loaders, make_tokenizer, retrieval_loaders, trainer_kwargs, vqa_loaders
+
+LOADERS = {"retrieval": retrieval_loaders, "captioning": caption_loaders, "vqa": vqa_loaders}
+CASES = [(family, task) for family in sorted(FAMILIES) for task in sorted(LOADERS)]
 
 
 class MissingGradients(pl.Callback):
@@ -14,15 +17,23 @@ class MissingGradients(pl.Callback):
         self.missing = [n for n, p in pl_module.named_parameters() if p.requires_grad and p.grad is None]
 
 
-@pytest.mark.parametrize("cls,loaders", [(RetrievalModule, retrieval_loaders), (CaptioningModule, caption_loaders),
-                                         (VQAModule, vqa_loaders)])
-def test_trainable_parameters_all_receive_gradients(tmp_path, cls, loaders):
+@pytest.mark.parametrize("family,task", CASES)
+def test_trainable_parameters_all_receive_gradients(tmp_path, family, task):
     tokenizer = make_tokenizer(tmp_path)
-    extra = {"answer_list": ANSWERS} if cls is VQAModule else {}
-    module = cls(backbone=TINY_BACKBONE, tokenizer=tokenizer, **extra)
+    module = FAMILIES[family].module(task, tokenizer)
     probe = MissingGradients()
-    train, _ = loaders(tokenizer)
+    train, _ = LOADERS[task](tokenizer)
     pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[probe], max_steps=1, limit_val_batches=0)).fit(module, train)
     assert probe.missing == []
-    frozen = {n.split(".")[1] for n, p in module.named_parameters() if not p.requires_grad}
-    assert frozen == {part.split(".")[0] for part in cls.unused_parts}
+
+
+# XVLMVQAModule once added its answer decoder after freezing, copying frozen MLM-head parameters into
+# it; the decoder is now added first, so every case freezes exactly the backbone's unused parts.
+@pytest.mark.parametrize("family,task", CASES)
+def test_frozen_parameters_are_the_backbones_unused_parts(tmp_path, family, task):
+    module = FAMILIES[family].module(task, make_tokenizer(tmp_path))
+    parts = module.backbone.unused_parts(task)
+    assert module.unused_parts == parts and parts
+    frozen = {n for n, p in module.backbone.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in module.backbone.named_parameters()
+                      if any(n == part or n.startswith(part + ".") for part in parts)}

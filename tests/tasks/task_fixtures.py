@@ -1,13 +1,20 @@
-"""Tiny hand-made data for the task tests: batches exactly as docs/design.md specifies them."""
+"""Tiny hand-made data for the task tests (batches exactly as docs/design.md specifies them) and the
+backbone families the shared task tests are parametrized over."""
 from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
 
+import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mflightning.data.tokenizer import build_tokenizer, write_vocab
+from mflightning.models.xvlm import tiny_config as xvlm_tiny_config
+from mflightning.tasks import (CaptioningModule, RetrievalModule, VQAModule, XVLMCaptioningModule,
+                               XVLMRetrievalModule, XVLMVQAModule)
 
 COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "white": (1.0, 1.0, 1.0)}
 SHAPES = ("square", "circle", "stripe")
@@ -22,6 +29,37 @@ TINY_BACKBONE = {  # config dict as a YAML file would give it; vocab/token ids c
                       "image_size": IMAGE, "patch_size": 16, "initializer_range": 0.02},
     "image_text_hidden_size": 16,
 }
+# XVLM's tiny config as a dict (1 text + 1 fusion layer, 1-block ViT, 32 px); vocabulary and pad id from the tokenizer.
+XVLM_TINY_BACKBONE = {k: v for k, v in xvlm_tiny_config(vocab_size=1, image_size=IMAGE).to_dict().items()
+                      if k not in ("vocab_size", "pad_token_id")}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One backbone family as the task tests see it: its tiny config, its three task classes, how it
+    re-ranks retrieval candidates and what pruning its backbone gives."""
+
+    name: str
+    config: dict
+    tasks: dict[str, type]
+    rerank: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (itm, sims) -> re-ranking score
+    groups: frozenset[str]  # the pruning preset's groups
+
+    def module(self, task: str, tokenizer, **kwargs):
+        """A task module around a fresh tiny backbone (``answer_list`` defaults to ANSWERS for VQA)."""
+        if task == "vqa":
+            kwargs.setdefault("answer_list", ANSWERS)
+        return self.tasks[task](backbone=kwargs.pop("backbone", self.config), tokenizer=tokenizer, **kwargs)
+
+
+BLIP = Family("blip", TINY_BACKBONE, {"retrieval": RetrievalModule, "captioning": CaptioningModule, "vqa": VQAModule},
+              rerank=lambda itm, sims: itm + sims, groups=frozenset({"vision", "text"}))
+XVLM = Family("xvlm", XVLM_TINY_BACKBONE,
+              {"retrieval": XVLMRetrievalModule, "captioning": XVLMCaptioningModule, "vqa": XVLMVQAModule},
+              rerank=lambda itm, sims: itm, groups=frozenset({"vision", "text", "fusion"}))
+FAMILIES = {family.name: family for family in (BLIP, XVLM)}
+#: ``@pytest.mark.parametrize("family", ...)`` argument list of both families, ids "blip" / "xvlm".
+BOTH = [pytest.param(family, id=family.name) for family in FAMILIES.values()]
 
 
 def make_tokenizer(directory: str | os.PathLike):
