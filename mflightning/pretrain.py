@@ -1,10 +1,13 @@
-"""Pretrain a small BLIP-style backbone on the synthetic world's caption split (ITC + ITM + LM), cached on disk.
+"""Pretrain a small backbone on the synthetic world's caption split, cached on disk.
 
 The demo needs a pretrained model to prune, and no checkpoint can be downloaded: this module
-trains one from scratch on the world's generic (calibration) image-caption split, with BLIP's
-three pretraining losses and BLIP's pretraining layout (decoder cross-attention and FFN shared
-with the encoder). The result is written with `BlipBackbone.save_pretrained` into a folder named
-by a hash of the world manifest and the configuration, so a second run loads it instead.
+trains one from scratch on the world's generic (calibration) image-caption split. A small BLIP
+(`pretrain`, `PretrainModule`) learns with BLIP's three pretraining losses (ITC + ITM + LM) in
+BLIP's pretraining layout (decoder cross-attention and FFN shared with the encoder); a small XVLM
+(`XVLMPretrainModule`) with ITC + ITM + MLM. `pretrain_cached` does the training and the caching
+for both: the result is written with the backbone's `save_pretrained` into a folder named by a
+hash of the world manifest and the configuration (`cache_key`), so a second run loads it instead.
+`mflightning.families` names each family's folder prefix and pretraining module.
 
 Run it alone with `python -m mflightning.pretrain --world outputs/cache/world`.
 """
@@ -30,11 +33,12 @@ from mflightning.data.datasets import ImageTextCollate, ImageTextDataset
 from mflightning.data.tokenizer import build_tokenizer
 from mflightning.data.transforms import build_test_transform
 
-from mflightning.models.blip import BlipBackbone
-from mflightning.tasks.base import BlipTaskModule
+from mflightning.models import BlipBackbone
+from mflightning.tasks import BlipTaskModule, XVLMTaskModule
 
 CACHE_VERSION = 2  # 2: whole images (no random crops)
 DONE_FILE = "pretrain.json"
+BLIP_CACHE_PREFIX = "pretrained"  # the small BLIP's cache folder: pretrained-<cache_key>
 
 # A small BLIP: 2-layer ViT on 64 px images with 8 px patches (64 tokens), 2-layer text transformer.
 SMALL_BACKBONE: dict[str, Any] = {
@@ -71,10 +75,34 @@ class PretrainModule(BlipTaskModule):
         """The three pretraining losses of one image-caption batch (the base's ITC + ITM + LM)."""
         return self.pretraining_losses(batch)
 
+    @classmethod
+    def for_pretraining(cls, config: "PretrainConfig", tokenizer: str) -> "PretrainModule":
+        """A fresh module with the backbone and optimiser settings of `config` (what `pretrain` trains)."""
+        return cls(backbone=copy.deepcopy(config.backbone), tokenizer=tokenizer, lr=config.lr,
+                   weight_decay=config.weight_decay, warmup_steps=config.warmup_steps)
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         parts = self.losses(batch)
         loss = parts["itc"] + parts["itm"] + parts["lm"]
         self.log_dict({f"train/loss_{k}": v for k, v in parts.items()}, batch_size=batch["image"].size(0))
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].size(0))
+        return loss
+
+
+class XVLMPretrainModule(XVLMTaskModule):
+    """XVLM pretraining on image-caption batches: its `pruning_loss` (ITC + ITM + MLM) is the training loss.
+
+    Arguments as ``XVLMTaskModule``; it also serves as the holder of the SNIP loss of an XVLM backbone.
+    """
+
+    @classmethod
+    def for_pretraining(cls, config: "PretrainConfig", tokenizer: str) -> "XVLMPretrainModule":
+        """A fresh module with the backbone and optimiser settings of `config` (its schedule is XVLM's own)."""
+        return cls(backbone=copy.deepcopy(config.backbone), tokenizer=tokenizer, lr=config.lr,
+                   weight_decay=config.weight_decay)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.pruning_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].size(0))
         return loss
 
@@ -102,7 +130,9 @@ class PretrainConfig:
 
     @property
     def image_size(self) -> int:
-        return int(self.backbone["vision_config"]["image_size"])
+        """Side of the pretraining images: `vision_config.image_size` of a BLIP config, `image_size` of an XVLM one."""
+        vision = self.backbone.get("vision_config")
+        return int(vision["image_size"] if vision is not None else self.backbone["image_size"])
 
 
 def cache_key(manifest: Mapping[str, Any], config: PretrainConfig) -> str:
@@ -119,9 +149,10 @@ def read_manifest(world_root: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-def cached_model_dir(world_root: str | os.PathLike, cache_dir: str | os.PathLike, config: PretrainConfig) -> Path:
-    """Where the model pretrained with `config` on this world is (or will be) stored."""
-    return Path(cache_dir) / f"pretrained-{cache_key(read_manifest(world_root), config)}"
+def cached_model_dir(world_root: str | os.PathLike, cache_dir: str | os.PathLike, config: PretrainConfig,
+                     prefix: str = BLIP_CACHE_PREFIX) -> Path:
+    """Where the model pretrained with `config` on this world is (or will be) stored: `<prefix>-<cache_key>`."""
+    return Path(cache_dir) / f"{prefix}-{cache_key(read_manifest(world_root), config)}"
 
 
 def pretrain(
@@ -132,28 +163,44 @@ def pretrain(
     num_workers: int = 0,
     force: bool = False,
 ) -> Path:
-    """Pretrain on the world's calibration split (or reuse the cached model); returns the model folder.
+    """Pretrain the small BLIP on the world's calibration split (or reuse the cached model); returns the folder.
 
     The folder holds the backbone (``config.json``, ``model.safetensors``), the tokenizer's
     ``vocab.txt`` and ``pretrain.json`` (cache key material, loss history, seconds taken).
     """
     config = config or PretrainConfig()
+    target = cached_model_dir(world_root, cache_dir, config)
+    return pretrain_cached(world_root, target, config, PretrainModule, progress, num_workers, force)
+
+
+def pretrain_cached(
+    world_root: str | os.PathLike,
+    target: Path,
+    config: PretrainConfig,
+    module_class: type,
+    progress: bool = True,
+    num_workers: int = 0,
+    force: bool = False,
+) -> Path:
+    """Train `module_class.for_pretraining(config, vocab)` on the world's caption split into `target`.
+
+    Reuses `target` when it holds a finished model (its `pretrain.json`) unless `force`. The model
+    is written to `<target>.partial` first and renamed, so an interrupted run leaves no model behind.
+    """
     world_root = Path(world_root)
     manifest = read_manifest(world_root)
-    target = cached_model_dir(world_root, cache_dir, config)
     if (target / DONE_FILE).is_file() and not force:
         return target
     vocab = world_root / "vocab.txt"
     started = time.perf_counter()
     L.seed_everything(config.seed, workers=True, verbose=False)
     loader = caption_loader(world_root / "calibration.json", world_root / "images", str(vocab), config, num_workers)
-    module = PretrainModule(backbone=copy.deepcopy(config.backbone), tokenizer=str(vocab), lr=config.lr,
-                            weight_decay=config.weight_decay, warmup_steps=config.warmup_steps)
+    module = module_class.for_pretraining(config, str(vocab))
     history = LossHistory()
     trainer = L.Trainer(
         accelerator="auto", devices=1, max_epochs=config.epochs, logger=False, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=progress, callbacks=[history], log_every_n_steps=10,
-        default_root_dir=str(Path(cache_dir) / "lightning"),
+        default_root_dir=str(target.parent / "lightning"),
     )
     trainer.fit(module, train_dataloaders=loader)
     partial = target.with_name(target.name + ".partial")
@@ -206,12 +253,18 @@ class LossHistory(L.Callback):
         self._sum, self._count = 0.0, 0
 
 
+def pretrain_record(model_dir: str | os.PathLike) -> dict:
+    """The `pretrain.json` of a finished pretrained model folder (an error names a folder without one)."""
+    path = Path(model_dir) / DONE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{Path(model_dir)} holds no finished pretrained model ({DONE_FILE} missing)")
+    return json.loads(path.read_text())
+
+
 def load_pretrained(model_dir: str | os.PathLike) -> tuple[BlipBackbone, str]:
-    """The cached backbone and the path of its vocab.txt."""
-    model_dir = Path(model_dir)
-    if not (model_dir / DONE_FILE).is_file():
-        raise FileNotFoundError(f"{model_dir} holds no finished pretrained model ({DONE_FILE} missing)")
-    return BlipBackbone.from_pretrained(str(model_dir)), str(model_dir / "vocab.txt")
+    """The cached small BLIP and the path of its vocab.txt."""
+    pretrain_record(model_dir)
+    return BlipBackbone.from_pretrained(str(model_dir)), str(Path(model_dir) / "vocab.txt")
 
 
 def main(argv: list[str] | None = None) -> None:

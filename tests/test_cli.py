@@ -83,6 +83,12 @@ def test_prune_writes_masks_scores_and_reports(pruned):
     assert len(report["layers"]) == len(masks.masks)
     for name, layer in report["layers"].items():
         assert layer["sparsity"] == pytest.approx(1 - masks.masks[name].float().mean().item())
+    # the JSON report carries the result's own figures and words, as report.txt does
+    assert report["sparsity"] == masks.sparsity and report["counted"] == masks.coverage()
+    assert {g: v["sparsity"] for g, v in report["groups"].items()} == masks.group_sparsity()
+    assert sum(v["layers"] for v in report["groups"].values()) == masks.num_layers
+    assert sum(v["weights"] for v in report["groups"].values()) == masks.num_weights
+    assert report["summary"] == masks.summary() and masks.summary() in (out / "report.txt").read_text()
     assert "total" in (out / "report.txt").read_text()
     assert yaml.safe_load((out / "config.yaml").read_text())["pruning"]["sparsity"] == 0.75
 
@@ -121,6 +127,20 @@ def test_missing_paths_are_named_by_config_key_before_anything_is_built(tiny, tm
         main(args)
     assert exit_info.value.code == 2
     assert "data.test_json" in capsys.readouterr().err
+
+
+def test_a_missing_calibration_file_is_named_by_its_nested_key(tmp_path):
+    recipe = RECIPES / "synthetic" / "vqa.yaml"
+    report = check_recipe(recipe, ["--data.init_args.calibration.json", str(tmp_path / "calib.json")])
+    assert [entry.key for entry in report.missing if entry.path.endswith("calib.json")] == ["data.calibration.json"]
+
+
+def test_python_dash_m_runs_the_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "mflightning.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "mflightning {prune,check,export,fit" in done.stdout
 
 
 def test_prune_rejects_bad_settings_before_loading(tiny, tmp_path):
@@ -185,8 +205,8 @@ def test_fit_calibrates_in_on_fit_start_when_no_mask_file_is_given(tiny, tmp_pat
         "--data.init_args.test_json", w.vqa_test, "--data.init_args.answer_list_json", w.answer_list,
         "--data.init_args.image_root", w.image_root, "--data.init_args.tokenizer", tiny["vocab"],
         "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4",
-        "--data.init_args.calibration_json", w.calibration, "--data.init_args.calibration_image_size", "32",
-        "--data.init_args.calibration_batch_size", "4",
+        "--data.init_args.calibration.json", w.calibration, "--data.init_args.calibration.image_size", "32",
+        "--data.init_args.calibration.batch_size", "4",
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false", "--trainer.logger", "false",
         "--trainer.default_root_dir", str(tmp_path),

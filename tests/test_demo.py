@@ -108,3 +108,34 @@ def test_plot_compares_results_on_the_same_layers(tmp_path):
 
 def test_free_cores_is_between_one_and_the_core_count():
     assert 1 <= free_cores() <= (os.cpu_count() or 1)
+
+
+def test_backbone_families_are_registered_once_by_name():
+    from mflightning.families import BLIP, FAMILIES, get_family, register_family
+
+    assert list(FAMILIES) == ["blip", "xvlm"] and get_family("blip") is BLIP
+    with pytest.raises(ValueError, match="'blip' is already registered"):
+        register_family(replace(BLIP))
+    with pytest.raises(ValueError, match="unknown backbone family 'clip'"):
+        get_family("clip")
+    with pytest.raises(ValueError, match="no 'segmentation' task"):
+        BLIP.task_module("segmentation", None, "vocab.txt", lr=1e-3, k_test=4)
+
+
+def test_pretrained_models_keep_their_cache_folders(tmp_path):
+    """The demo's and the quality benchmark's cached models stay valid: same configs, keys and folder names."""
+    from mflightning.bench.quality import QualitySettings
+    from mflightning.families import BLIP, XVLM
+
+    (tmp_path / "world.json").write_text(json.dumps({"seed": 0}))
+    quality = QualitySettings()
+    folders = {
+        "demo": BLIP.model_dir(tmp_path, tmp_path, DemoSettings().pretrain).name,
+        "demo small": BLIP.model_dir(tmp_path, tmp_path, DemoSettings.small().pretrain).name,
+        "quality blip": BLIP.model_dir(tmp_path, tmp_path, quality.pretrain_config(BLIP)).name,
+        "quality xvlm": XVLM.model_dir(tmp_path, tmp_path, quality.pretrain_config(XVLM)).name,
+    }
+    assert folders == {  # computed by the code that made the caches (before mflightning.families)
+        "demo": "pretrained-d5d2219ea86e7327", "demo small": "pretrained-4b4c17c599acc103",
+        "quality blip": "pretrained-5b0fd0ecad91ecf7", "quality xvlm": "xvlm-pretrained-v2-42d51ee02023af1e",
+    }

@@ -1,6 +1,13 @@
 """Data: tokenizer, transforms, datamodules for the design.md formats, and the synthetic world."""
 
-from .datamodules import CalibrationDataModule, CaptionDataModule, RetrievalDataModule, VLDataModule, VQADataModule
+from .datamodules import (
+    CalibrationConfig,
+    CalibrationDataModule,
+    CaptionDataModule,
+    RetrievalDataModule,
+    VLDataModule,
+    VQADataModule,
+)
 from .datasets import ImageCaptionsDataset, ImageTextDataset, VQADataset
 from .records import DataRecordError, clean_text, load_records
 from .synthetic import SyntheticWorld, WorldSizes, generate_world
@@ -10,6 +17,7 @@ from .transforms import CLIP_MEAN, CLIP_STD, build_test_transform, build_train_t
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
+    "CalibrationConfig",
     "CalibrationDataModule",
     "CaptionDataModule",
     "DataRecordError",

@@ -1,28 +1,26 @@
 """LightningDataModules for calibration/pretraining, retrieval, captioning and VQA (design.md formats).
 
-DDP: training loaders are plain shuffled loaders; Lightning injects a DistributedSampler.
-Evaluation loaders, when the attached Trainer runs more than one process, use Lightning's
-`UnrepeatedDistributedSampler`: every sample is evaluated exactly once, ranks may differ by
-one batch, so tasks must not run collectives per evaluation step (gather at epoch end). If a
-padding `DistributedSampler` is used anyway (a custom loader), tasks must dedupe gathered
-results by the batch's global keys, keeping one entry per key: `image_idx`/`text_idx`
-(retrieval), `image_id` (captioning), `question_id` (VQA).
+Calibration: every task datamodule takes an optional `calibration: CalibrationConfig`
+(image-caption records, never task data; recipe keys `data.calibration.json`,
+`data.calibration.batch_size`, ...) and then offers `calibration_dataloader()`, used by
+MultiFlowCallback. `CalibrationDataModule` is made of calibration data alone (and serves
+pretraining from the same records), so it takes those settings as its own arguments.
 
-Calibration: every datamodule takes an optional `calibration_json` (image-caption records,
-never task data) and then offers `calibration_dataloader()`, used by MultiFlowCallback.
+Arguments: `VLDataModule.__init__` (datamodule_base.py) holds the loader arguments every
+datamodule shares; each datamodule declares only its own (record files, task options, defaults
+that differ) and passes the rest on as `**kwargs`. jsonargparse (LightningCLI, `mflightning
+check`, `--print_config`) follows `**kwargs` into `super().__init__`, so every argument, with its
+type and default, is still a recipe key (`tests/data/test_data_datamodules.py` checks that).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
-import lightning as L
-import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from .datamodule_base import CalibrationConfig, JsonArg, ShardSampler, VLDataModule
 from .datasets import (
     ImageCaptionsDataset,
     ImageTextCollate,
@@ -34,202 +32,46 @@ from .datasets import (
     caption_eval_collate,
 )
 from .records import DataRecordError
-from .tokenizer import build_tokenizer
-from .transforms import CALIBRATION_CROP_SCALE, TASK_CROP_SCALE, build_test_transform, build_train_transform
+from .transforms import CALIBRATION_CROP_SCALE
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collate functions tokenize inside workers
-
-JsonArg = str | list[str] | None
-
-
-class ShardSampler(Sampler[int]):
-    """Seeded (optionally shuffled) order, sharded round-robin over `num_replicas` without padding."""
-
-    def __init__(self, size: int, shuffle: bool, seed: int = 0, num_replicas: int = 1, rank: int = 0):
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
-        self.size, self.shuffle, self.seed = size, shuffle, seed
-        self.num_replicas, self.rank = num_replicas, rank
-
-    def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed)).tolist()
-        else:
-            order = list(range(self.size))
-        return iter(order[self.rank :: self.num_replicas])
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.size, self.num_replicas))
-
-
-class VLDataModule(L.LightningDataModule):
-    """Shared plumbing: lazy tokenizer, transforms, loaders and optional calibration data."""
-
-    def __init__(
-        self,
-        image_root: str,
-        tokenizer: str | Any = "bert-base-uncased",
-        image_size: int = 384,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 4,
-        max_length: int = 35,
-        skip_bad_records: bool = False,
-        augment: bool = True,
-        hflip: bool = True,
-        crop_scale: tuple[float, float] = TASK_CROP_SCALE,
-        calibration_json: JsonArg = None,
-        calibration_image_root: str | None = None,
-        calibration_image_size: int = 224,
-        calibration_batch_size: int = 32,
-        calibration_max_length: int = 30,
-        seed: int = 0,
-    ):
-        super().__init__()
-        for name, value in (("image_size", image_size), ("batch_size", batch_size),
-                            ("max_length", max_length), ("calibration_image_size", calibration_image_size),
-                            ("calibration_batch_size", calibration_batch_size),
-                            ("calibration_max_length", calibration_max_length)):
-            if value < 1:
-                raise ValueError(f"{name} must be positive, got {value}")
-        self.image_root = os.fspath(image_root)
-        if isinstance(tokenizer, (str, os.PathLike)):
-            self.tokenizer_name, self._tokenizer = os.fspath(tokenizer), None
-        else:  # a ready tokenizer object (must carry [DEC]/[ENC], e.g. from build_tokenizer)
-            self.tokenizer_name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
-            self._tokenizer = tokenizer
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.max_length = max_length
-        self.skip_bad_records = skip_bad_records
-        self.augment = augment
-        self.hflip = hflip
-        lo, hi = crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}")
-        self.crop_scale = (float(lo), float(hi))
-        self.calibration_crop_scale = CALIBRATION_CROP_SCALE
-        self.calibration_json = calibration_json
-        self.calibration_image_root = os.fspath(calibration_image_root or image_root)
-        self.calibration_image_size = calibration_image_size
-        self.calibration_batch_size = calibration_batch_size
-        self.calibration_max_length = calibration_max_length
-        self.seed = seed
-        self._datasets: dict[str, Dataset] = {}
-
-    @property
-    def tokenizer(self):
-        """The BERT tokenizer with [DEC]/[ENC] (given, or built on first use: no download at construction)."""
-        if self._tokenizer is None:
-            self._tokenizer = build_tokenizer(self.tokenizer_name)
-        return self._tokenizer
-
-    def train_transform(self):
-        """Task training transform: RandomResizedCrop(crop_scale, default 0.5-1), flip, RandAugment."""
-        return build_train_transform(self.image_size, self.crop_scale, self.augment, self.hflip)
-
-    def test_transform(self):
-        """Evaluation transform: square resize."""
-        return build_test_transform(self.image_size)
-
-    # ---- datasets -------------------------------------------------------------------------
-    def _build_dataset(self, split: str) -> Dataset:
-        raise NotImplementedError(f"{type(self).__name__} has no '{split}' split")
-
-    def dataset(self, split: str) -> Dataset:
-        """The dataset of a split ('train', 'val', 'test', 'calibration'), built and checked once."""
-        if split not in self._datasets:
-            self._datasets[split] = self._build_dataset(split)
-        return self._datasets[split]
-
-    def _calibration_dataset(self) -> Dataset:
-        if not self.calibration_json:
-            raise ValueError(f"{type(self).__name__} has no calibration data: pass calibration_json")
-        transform = build_train_transform(self.calibration_image_size, self.calibration_crop_scale,
-                                          self.augment, self.hflip)
-        return ImageTextDataset(self.calibration_json, self.calibration_image_root, transform,
-                                self.skip_bad_records)
-
-    def _require(self, value: JsonArg, name: str) -> JsonArg:
-        if not value:
-            raise ValueError(f"{type(self).__name__} was given no {name}")
-        return value
-
-    # ---- loaders --------------------------------------------------------------------------
-    def _world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and getattr(trainer, "world_size", 1) > 1:
-            return trainer.world_size, trainer.global_rank
-        return 1, 0
-
-    def _loader(self, dataset: Dataset, batch_size: int, collate, **kwargs: Any) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
-                          **kwargs)
-
-    def _train_loader(self, dataset: Dataset, collate) -> DataLoader:
-        world_size, _ = self._world()
-        if len(dataset) // world_size < self.batch_size:
-            raise ValueError(
-                f"{type(self).__name__}: {len(dataset)} training samples over {world_size} process(es) is fewer "
-                f"than batch_size={self.batch_size}; training drops the last partial batch, so no batch would run"
-            )
-        return self._loader(dataset, self.batch_size, collate, shuffle=True, drop_last=True)
-
-    def _eval_loader(self, dataset: Dataset, collate) -> DataLoader:
-        world_size, rank = self._world()
-        sampler = None
-        if world_size > 1:
-            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-        return self._loader(dataset, self.eval_batch_size, collate, shuffle=False, sampler=sampler)
-
-    def calibration_dataloader(self, num_replicas: int = 1, rank: int = 0) -> DataLoader:
-        """Calibration batches (image, input_ids, attention_mask): seeded shuffled order, no padding shards."""
-        dataset = self.dataset("calibration")
-        sampler = ShardSampler(len(dataset), shuffle=True, seed=self.seed, num_replicas=num_replicas, rank=rank)
-        collate = ImageTextCollate(self.tokenizer, self.calibration_max_length)
-        return self._loader(dataset, self.calibration_batch_size, collate, sampler=sampler)
+__all__ = [
+    "CalibrationConfig", "CalibrationDataModule", "CaptionDataModule", "RetrievalDataModule", "ShardSampler",
+    "VLDataModule", "VQADataModule",
+]
 
 
 class CalibrationDataModule(VLDataModule):
-    """Image-caption data (CC3M/VG-style JSON) for calibration and for pretraining (train_dataloader)."""
+    """Image-caption data (CC3M/VG-style JSON) for calibration and for pretraining (train_dataloader).
 
-    def __init__(
-        self,
-        calibration_json: str | list[str],
-        image_root: str,
-        tokenizer: str = "bert-base-uncased",
-        image_size: int = 224,
-        batch_size: int = 32,
-        num_workers: int = 4,
-        max_length: int = 30,
-        skip_bad_records: bool = False,
-        augment: bool = True,
-        hflip: bool = True,
-        crop_scale: tuple[float, float] = CALIBRATION_CROP_SCALE,
-        seed: int = 0,
-    ):
-        super().__init__(
-            image_root, tokenizer, image_size, batch_size, None, num_workers, max_length, skip_bad_records,
-            augment, hflip, crop_scale, calibration_json=calibration_json, calibration_image_root=image_root,
-            calibration_image_size=image_size, calibration_batch_size=batch_size,
-            calibration_max_length=max_length, seed=seed,
-        )
-        self.calibration_crop_scale = self.crop_scale
-        self.save_hyperparameters()
+    Its images, batches and text length are those of its calibration data, so it takes them as
+    its own arguments (recipe keys `data.calibration_json`, `data.image_size`, ...).
+
+    Args:
+        calibration_json: image-caption records (a JSON file or a list of them).
+        image_root: folder the records' image paths are relative to.
+        image_size: side of the square images.
+        batch_size: images per batch (calibration and pretraining).
+        max_length: caption tokens per row (padded or truncated).
+        crop_scale: RandomResizedCrop scale range of the images.
+        **kwargs: tokenizer, num_workers, skip_bad_records, augment, hflip, seed (as `VLDataModule`).
+    """
+
+    derived_arguments = ("eval_batch_size", "calibration")
+
+    def __init__(self, calibration_json: str | list[str], image_root: str, image_size: int = 224, batch_size: int = 32,
+                 max_length: int = 30, crop_scale: tuple[float, float] = CALIBRATION_CROP_SCALE, **kwargs: Any):
+        calibration = CalibrationConfig(calibration_json, image_root, image_size, batch_size, max_length, crop_scale)
+        super().__init__(image_root, image_size=image_size, batch_size=batch_size, eval_batch_size=None,
+                         max_length=max_length, crop_scale=crop_scale, calibration=calibration, **kwargs)
 
     def _build_dataset(self, split: str) -> Dataset:
-        if split == "calibration":
-            return self._calibration_dataset()
         if split == "train":
             return self.dataset("calibration")
         return super()._build_dataset(split)
 
-    def setup(self, stage: str | None = None) -> None:
-        """Build and check the records now, so bad data fails before training starts."""
-        self.dataset("calibration")
+    def _setup_splits(self, stage: str | None) -> list[str]:
+        """Every stage checks the calibration records (the only ones)."""
+        return ["calibration"]
 
     def train_dataloader(self) -> DataLoader:
         """Pretraining batches: same records and transform as calibration, shuffled, last partial batch dropped."""
@@ -237,70 +79,40 @@ class CalibrationDataModule(VLDataModule):
 
 
 class _KarpathyDataModule(VLDataModule):
-    """COCO Karpathy layout: train records per caption, val/test records per image."""
+    """COCO Karpathy layout: train records per caption, val/test records per image.
 
-    def __init__(self, train_json: JsonArg, val_json: JsonArg, test_json: JsonArg, image_root: str, **kwargs: Any):
+    Args:
+        train_json: training records, one per caption (a JSON file or a list of them).
+        val_json: validation records, one per image with all its captions.
+        test_json: test records, one per image with all its captions.
+        image_root: folder the records' image paths are relative to.
+        **kwargs: the arguments of `VLDataModule` (tokenizer, image_size, batch_size, calibration, ...).
+    """
+
+    def __init__(self, train_json: JsonArg = None, val_json: JsonArg = None, test_json: JsonArg = None,
+                 image_root: str = ".", **kwargs: Any):
         super().__init__(image_root, **kwargs)
         self.train_json, self.val_json, self.test_json = train_json, val_json, test_json
 
     def _build_dataset(self, split: str) -> Dataset:
-        if split == "calibration":
-            return self._calibration_dataset()
         if split == "train":
-            return ImageTextDataset(self._require(self.train_json, "train_json"), self.image_root,
-                                    self.train_transform(), self.skip_bad_records, prompt=self._prompt())
+            return ImageTextDataset(self._records("train"), self.image_root, self.train_transform(),
+                                    self.skip_bad_records, prompt=self._prompt())
         if split in ("val", "test"):
-            paths = self._require(self.val_json if split == "val" else self.test_json, f"{split}_json")
-            return ImageCaptionsDataset(paths, self.image_root, self.test_transform(), self.skip_bad_records)
+            return ImageCaptionsDataset(self._records(split), self.image_root, self.test_transform(),
+                                        self.skip_bad_records)
         return super()._build_dataset(split)
 
     def _prompt(self) -> str:
         return ""
 
-    def setup(self, stage: str | None = None) -> None:
-        """Build and check the records the stage needs (fit: train + val when given)."""
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], None: ["train", "val", "test"]}
-        files = {"train": self.train_json, "val": self.val_json, "test": self.test_json}
-        for split in wanted.get(stage, []):
-            if files[split]:
-                self.dataset(split)
-
 
 class RetrievalDataModule(_KarpathyDataModule):
-    """Image-text retrieval (COCO Karpathy): train batches with image_idx, eval batches with their captions."""
+    """Image-text retrieval (COCO Karpathy): train batches with image_idx, eval batches with their captions.
 
-    def __init__(
-        self,
-        train_json: JsonArg = None,
-        val_json: JsonArg = None,
-        test_json: JsonArg = None,
-        image_root: str = ".",
-        tokenizer: str = "bert-base-uncased",
-        image_size: int = 384,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 4,
-        max_length: int = 35,
-        skip_bad_records: bool = False,
-        augment: bool = True,
-        hflip: bool = True,
-        crop_scale: tuple[float, float] = TASK_CROP_SCALE,
-        calibration_json: JsonArg = None,
-        calibration_image_root: str | None = None,
-        calibration_image_size: int = 224,
-        calibration_batch_size: int = 32,
-        calibration_max_length: int = 30,
-        seed: int = 0,
-    ):
-        super().__init__(
-            train_json, val_json, test_json, image_root, tokenizer=tokenizer, image_size=image_size,
-            batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-            max_length=max_length, skip_bad_records=skip_bad_records, augment=augment, hflip=hflip,
-            crop_scale=crop_scale, calibration_json=calibration_json, calibration_image_root=calibration_image_root,
-            calibration_image_size=calibration_image_size, calibration_batch_size=calibration_batch_size,
-            calibration_max_length=calibration_max_length, seed=seed,
-        )
-        self.save_hyperparameters()
+    Arguments: those of `_KarpathyDataModule` (train_json, val_json, test_json, image_root) and of
+    `VLDataModule`.
+    """
 
     def train_dataloader(self) -> DataLoader:
         """image, input_ids, attention_mask, image_idx (captions of one image are mutual positives)."""
@@ -316,42 +128,19 @@ class RetrievalDataModule(_KarpathyDataModule):
 
 
 class CaptionDataModule(_KarpathyDataModule):
-    """Image captioning (COCO Karpathy): train text is prompt + caption; eval batches carry references."""
+    """Image captioning (COCO Karpathy): train text is prompt + caption; eval batches carry references.
 
-    def __init__(
-        self,
-        train_json: JsonArg = None,
-        val_json: JsonArg = None,
-        test_json: JsonArg = None,
-        image_root: str = ".",
-        tokenizer: str = "bert-base-uncased",
-        image_size: int = 384,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 4,
-        max_length: int = 40,
-        skip_bad_records: bool = False,
-        augment: bool = True,
-        hflip: bool = True,
-        crop_scale: tuple[float, float] = TASK_CROP_SCALE,
-        prompt: str = "a picture of ",
-        calibration_json: JsonArg = None,
-        calibration_image_root: str | None = None,
-        calibration_image_size: int = 224,
-        calibration_batch_size: int = 32,
-        calibration_max_length: int = 30,
-        seed: int = 0,
-    ):
-        super().__init__(
-            train_json, val_json, test_json, image_root, tokenizer=tokenizer, image_size=image_size,
-            batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-            max_length=max_length, skip_bad_records=skip_bad_records, augment=augment, hflip=hflip,
-            crop_scale=crop_scale, calibration_json=calibration_json, calibration_image_root=calibration_image_root,
-            calibration_image_size=calibration_image_size, calibration_batch_size=calibration_batch_size,
-            calibration_max_length=calibration_max_length, seed=seed,
-        )
+    Args:
+        train_json, val_json, test_json, image_root: as `_KarpathyDataModule`.
+        max_length: text tokens per row, prompt included.
+        prompt: text put before every training caption (kept out of the LM loss by the task).
+        **kwargs: the other arguments of `VLDataModule`.
+    """
+
+    def __init__(self, train_json: JsonArg = None, val_json: JsonArg = None, test_json: JsonArg = None,
+                 image_root: str = ".", max_length: int = 40, prompt: str = "a picture of ", **kwargs: Any):
+        super().__init__(train_json, val_json, test_json, image_root, max_length=max_length, **kwargs)
         self.prompt = prompt
-        self.save_hyperparameters()
 
     def _prompt(self) -> str:
         return self.prompt
@@ -375,42 +164,23 @@ class CaptionDataModule(_KarpathyDataModule):
 
 
 class VQADataModule(VLDataModule):
-    """VQA v2 (+ VG QA): weighted answers for training, question ids (+ answers) for evaluation."""
+    """VQA v2 (+ VG QA): weighted answers for training, question ids (+ answers) for evaluation.
 
-    def __init__(
-        self,
-        train_json: JsonArg = None,
-        test_json: JsonArg = None,
-        answer_list_json: str | None = None,
-        image_root: str = ".",
-        val_json: JsonArg = None,
-        tokenizer: str = "bert-base-uncased",
-        image_size: int = 384,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 4,
-        max_length: int = 35,
-        answer_max_length: int = 10,
-        vg_answer_weight: float | None = None,
-        skip_bad_records: bool = False,
-        augment: bool = True,
-        hflip: bool = True,
-        crop_scale: tuple[float, float] = TASK_CROP_SCALE,
-        calibration_json: JsonArg = None,
-        calibration_image_root: str | None = None,
-        calibration_image_size: int = 224,
-        calibration_batch_size: int = 32,
-        calibration_max_length: int = 30,
-        seed: int = 0,
-    ):
-        super().__init__(
-            image_root, tokenizer=tokenizer, image_size=image_size, batch_size=batch_size,
-            eval_batch_size=eval_batch_size, num_workers=num_workers, max_length=max_length,
-            skip_bad_records=skip_bad_records, augment=augment, hflip=hflip,
-            crop_scale=crop_scale, calibration_json=calibration_json, calibration_image_root=calibration_image_root,
-            calibration_image_size=calibration_image_size, calibration_batch_size=calibration_batch_size,
-            calibration_max_length=calibration_max_length, seed=seed,
-        )
+    Args:
+        train_json: training questions with their answers (a JSON file or a list: VQA v2 train, val, VG QA).
+        test_json: test questions (answers optional, for local evaluation).
+        answer_list_json: the candidate answers ranked at inference (a JSON list of strings).
+        image_root: folder the records' image paths are relative to.
+        val_json: validation questions.
+        answer_max_length: answer tokens per row, [CLS] and [SEP] included (>= 3).
+        vg_answer_weight: weight of each VG QA answer (None: count / number of answers, as VQA's).
+        **kwargs: the arguments of `VLDataModule` (tokenizer, image_size, batch_size, calibration, ...).
+    """
+
+    def __init__(self, train_json: JsonArg = None, test_json: JsonArg = None, answer_list_json: str | None = None,
+                 image_root: str = ".", val_json: JsonArg = None, answer_max_length: int = 10,
+                 vg_answer_weight: float | None = None, **kwargs: Any):
+        super().__init__(image_root, **kwargs)
         if answer_max_length < 3:
             raise ValueError(f"answer_max_length must hold [CLS] answer [SEP] (>= 3), got {answer_max_length}")
         self.train_json, self.val_json, self.test_json = train_json, val_json, test_json
@@ -418,13 +188,14 @@ class VQADataModule(VLDataModule):
         self.answer_max_length = answer_max_length
         self.vg_answer_weight = vg_answer_weight
         self._answer_list: list[str] | None = None
-        self.save_hyperparameters()
 
     @property
     def answer_list(self) -> list[str]:
         """Candidate answers ranked at inference, from answer_list_json (checked: non-empty strings)."""
         if self._answer_list is None:
-            path = self._require(self.answer_list_json, "answer_list_json")
+            path = self.answer_list_json
+            if not path:
+                raise ValueError(f"{type(self).__name__} was given no answer_list_json")
             try:
                 with open(path, encoding="utf-8") as f:
                     answers = json.load(f)
@@ -439,25 +210,17 @@ class VQADataModule(VLDataModule):
         return self._answer_list
 
     def _build_dataset(self, split: str) -> Dataset:
-        if split == "calibration":
-            return self._calibration_dataset()
         if split == "train":
-            return VQADataset(self._require(self.train_json, "train_json"), self.image_root,
-                              self.train_transform(), train=True, skip_bad_records=self.skip_bad_records,
-                              vg_answer_weight=self.vg_answer_weight)
+            return VQADataset(self._records("train"), self.image_root, self.train_transform(), train=True,
+                              skip_bad_records=self.skip_bad_records, vg_answer_weight=self.vg_answer_weight)
         if split in ("val", "test"):
-            paths = self._require(self.val_json if split == "val" else self.test_json, f"{split}_json")
-            return VQADataset(paths, self.image_root, self.test_transform(), train=False,
+            return VQADataset(self._records(split), self.image_root, self.test_transform(), train=False,
                               skip_bad_records=self.skip_bad_records)
         return super()._build_dataset(split)
 
     def setup(self, stage: str | None = None) -> None:
-        """Build and check the records (and the answer list) the stage needs."""
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], None: ["train", "val", "test"]}
-        files = {"train": self.train_json, "val": self.val_json, "test": self.test_json}
-        for split in wanted.get(stage, []):
-            if files[split]:
-                self.dataset(split)
+        """The shared setup, then the answer list (when given) is read and checked too."""
+        super().setup(stage)
         if self.answer_list_json:
             _ = self.answer_list
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mflightning.data import (
+    CalibrationConfig,
     CalibrationDataModule,
     CaptionDataModule,
     RetrievalDataModule,
@@ -199,15 +200,15 @@ def test_vqa_eval_without_answers_and_missing_calibration(tiny_world, tmp_path):
     dm = VQADataModule(None, str(path), None, **_common(tiny_world))
     batch = next(iter(dm.test_dataloader()))
     assert "answers" not in batch and len(batch["question_id"]) == 4
-    with pytest.raises(ValueError, match="calibration_json"):
+    with pytest.raises(ValueError, match=r"calibration\.json"):
         dm.calibration_dataloader()
     with pytest.raises(ValueError, match="answer_list_json"):
         dm.answer_list
 
 
 def test_task_datamodules_offer_calibration_data(tiny_world):
-    dm = CaptionDataModule(tiny_world.caption_train, **_common(tiny_world), calibration_json=tiny_world.calibration,
-                           calibration_image_size=24, calibration_batch_size=5, calibration_max_length=12)
+    calibration = CalibrationConfig(tiny_world.calibration, image_size=24, batch_size=5, max_length=12)
+    dm = CaptionDataModule(tiny_world.caption_train, **_common(tiny_world), calibration=calibration)
     batch = next(iter(dm.calibration_dataloader()))
     assert set(batch) == {"image", "input_ids", "attention_mask"}
     assert batch["image"].shape == (5, 3, 24, 24) and batch["input_ids"].shape == (5, 12)
@@ -247,7 +248,7 @@ def test_transform_switches_reach_the_datasets(tiny_world):
     from torchvision import transforms as T
 
     dm = RetrievalDataModule(tiny_world.retrieval_train, **{**_common(tiny_world), "augment": True},
-                             crop_scale=(1.0, 1.0), calibration_json=tiny_world.calibration)
+                             crop_scale=(1.0, 1.0), calibration=CalibrationConfig(tiny_world.calibration))
     steps = dm.dataset("train").transform.transforms
     assert [type(t) for t in steps] == [T.RandomResizedCrop, T.RandAugment, T.ToTensor, T.Normalize]
     assert steps[0].scale == (1.0, 1.0) and steps[0].size == (SIZE, SIZE)
@@ -266,3 +267,60 @@ def test_a_ready_tokenizer_object_is_used_as_is(tiny_world):
     dm = CalibrationDataModule(tiny_world.calibration, tiny_world.image_root, tokenizer=tokenizer, image_size=SIZE,
                                num_workers=0)
     assert dm.tokenizer is tokenizer
+
+
+def test_calibration_settings_are_checked_and_named():
+    with pytest.raises(ValueError, match=r"calibration\.batch_size must be positive, got 0"):
+        CalibrationConfig("c.json", batch_size=0)
+    with pytest.raises(ValueError, match=r"calibration\.crop_scale"):
+        CalibrationConfig("c.json", crop_scale=(0.5, 0.2))
+
+
+# The shared arguments of VLDataModule, which the task datamodules take through **kwargs.
+SHARED = {"tokenizer": str, "image_size": int, "batch_size": int, "eval_batch_size": int | None, "num_workers": int,
+          "max_length": int, "skip_bad_records": bool, "augment": bool, "hflip": bool,
+          "crop_scale": tuple[float, float], "seed": int, "calibration.json": str | list[str] | None,
+          "calibration.image_root": str | None, "calibration.image_size": int, "calibration.batch_size": int,
+          "calibration.max_length": int, "calibration.crop_scale": tuple[float, float]}
+
+
+@pytest.mark.parametrize("cls, own", [
+    (RetrievalDataModule, {"train_json": 35, "val_json": 35, "test_json": 35, "image_root": "."}),
+    (CaptionDataModule, {"train_json": 40, "prompt": "a picture of ", "image_root": "."}),
+    (VQADataModule, {"train_json": 35, "test_json": 35, "val_json": 35, "answer_list_json": None,
+                     "answer_max_length": 10, "vg_answer_weight": None}),
+])
+def test_recipes_see_every_argument_with_its_type(cls, own):
+    """jsonargparse (LightningCLI, `mflightning check`) follows **kwargs to VLDataModule's typed arguments."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(cls, "data")
+    actions = {a.dest[len("data."):]: a for a in parser._actions if a.dest.startswith("data.")}
+    for name, hint in SHARED.items():
+        assert name in actions, f"{cls.__name__}: {name} is not a recipe key"
+        assert getattr(actions[name], "_typehint", None) == hint, (cls.__name__, name)
+    assert set(own) <= set(actions)
+    assert actions["max_length"].default == (40 if cls is CaptionDataModule else 35)  # a subclass's own default wins
+
+
+def test_calibration_recipes_see_their_own_arguments_only():
+    """CalibrationDataModule derives its calibration settings and has no evaluation batches: not recipe keys."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(CalibrationDataModule, "data")
+    actions = {a.dest[len("data."):]: a for a in parser._actions if a.dest.startswith("data.")}
+    assert set(actions) == {"calibration_json", "image_root", "image_size", "batch_size", "max_length", "crop_scale",
+                            "tokenizer", "num_workers", "skip_bad_records", "augment", "hflip", "seed"}
+    assert (actions["image_size"].default, actions["max_length"].default, actions["crop_scale"].default) == \
+        (224, 30, (0.2, 1.0))
+    assert actions["tokenizer"]._typehint is str and actions["seed"]._typehint is int
+
+
+def test_hyperparameters_hold_every_argument(tiny_world):
+    dm = CaptionDataModule(tiny_world.caption_train, **_common(tiny_world))
+    assert dm.hparams["prompt"] == "a picture of " and dm.hparams["seed"] == 0 and dm.hparams["eval_batch_size"] is None
+    assert dm.hparams["calibration"] == CalibrationConfig()
+    cal = CalibrationDataModule(tiny_world.calibration, tiny_world.image_root, tokenizer=tiny_world.vocab)
+    assert "calibration" not in cal.hparams and cal.hparams["calibration_json"] == tiny_world.calibration

@@ -1,0 +1,138 @@
+"""What the quality benchmark runs: its methods, metrics, settings and grid (`mflightning.bench.quality`)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from mflightning.data.synthetic import WorldSizes
+from mflightning.families import FAMILIES, TASKS, BackboneFamily, ModelSize
+from mflightning.pretrain import PretrainConfig
+
+MODELS = tuple(FAMILIES)  # ("blip", "xvlm"): the registered backbone families
+TASK_TITLES = {"retrieval": "Image-text retrieval", "captioning": "Image captioning", "vqa": "VQA"}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of the tables: a `prune()` method with its ablation switches."""
+
+    label: str
+    method: str | None  # None: the dense model
+    allocation: str | None = None
+    invert: bool = False
+
+
+METHODS: dict[str, MethodSpec] = {
+    "dense": MethodSpec("Dense", None),
+    "random": MethodSpec("Random", "random"),
+    "omp": MethodSpec("OMP", "omp"),
+    "lamp": MethodSpec("LAMP", "lamp"),
+    "snip": MethodSpec("SNIP", "snip"),
+    "wanda": MethodSpec("Wanda", "wanda"),
+    "multiflow": MethodSpec("MultiFlow", "multiflow"),
+    "mf_no_multimodality": MethodSpec("MultiFlow w/o multimodality", "multiflow", allocation="magnitude"),
+    "mf_no_distribution": MethodSpec("MultiFlow w/o distribution", "multiflow", allocation="global"),
+    "mf_inverted": MethodSpec("MultiFlow w/ inversion", "multiflow", invert=True),
+}
+
+METRICS: dict[str, tuple[tuple[str, str], ...]] = {  # task -> (metric key, column label)
+    "retrieval": (("txt_r1", "TR@1"), ("txt_r5", "TR@5"), ("img_r1", "IR@1"), ("img_r5", "IR@5")),
+    "captioning": (("bleu4", "BLEU@4"), ("cider", "CIDEr")),
+    "vqa": (("vqa_acc", "VQA acc"),),
+}
+
+
+@dataclass
+class QualitySettings:
+    """Everything the results depend on (written to settings.json; a resumed run must match it)."""
+
+    models: tuple[str, ...] = MODELS
+    methods: tuple[str, ...] = tuple(METHODS)
+    sparsities: tuple[float, ...] = (0.63, 0.75, 0.9)
+    seeds: tuple[int, ...] = (0, 1)
+    tasks: tuple[str, ...] = TASKS
+    world_seed: int = 0
+    sizes: WorldSizes = field(default_factory=lambda: WorldSizes(
+        calibration=800, train=160, val=1, test=60, vqa_train=160, vg=60, vqa_test=60, questions_per_image=3))
+    image_size: int = 32
+    patch_size: int = 8
+    hidden_size: int = 64
+    layers: int = 2  # per encoder (BLIP: vision, text; XVLM: vision, text, fusion)
+    heads: int = 2
+    pretrain_epochs: int = 20
+    pretrain_lr: float = 1e-3
+    pretrain_batch_size: int = 32
+    epochs: int = 3  # retrieval and captioning
+    vqa_epochs: int = 8  # VQA learns slowest (at 3 epochs it stays far below the image-blind baseline)
+    lr: float = 5e-4
+    batch_size: int = 32
+    calibration_batches: int = 8
+    calibration_batch_size: int = 32
+    k_test: int = 16
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("models", MODELS), ("methods", tuple(METHODS)), ("tasks", TASKS)):
+            values = tuple(getattr(self, name))
+            bad = [v for v in values if v not in allowed]
+            if bad or not values:
+                raise ValueError(f"--{name}: unknown or empty {bad or values}; choose from {list(allowed)}")
+            setattr(self, name, values)
+        self.sparsities = tuple(float(s) for s in self.sparsities)
+        bad = [s for s in self.sparsities if not 0.0 < s < 1.0]
+        if bad or not self.sparsities:
+            raise ValueError(f"--sparsities must be in (0, 1), got {list(self.sparsities)}")
+        self.seeds = tuple(int(s) for s in self.seeds)
+        if not self.seeds:
+            raise ValueError("--seeds needs at least one seed")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"--image-size {self.image_size} must be a multiple of --patch-size {self.patch_size}")
+        for name in ("hidden_size", "layers", "heads", "pretrain_epochs", "epochs", "vqa_epochs", "batch_size",
+                     "calibration_batches", "calibration_batch_size", "k_test"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+    def model_size(self) -> ModelSize:
+        """The sizes of the small models (every family's)."""
+        return ModelSize(hidden_size=self.hidden_size, layers=self.layers, heads=self.heads,
+                         image_size=self.image_size, patch_size=self.patch_size)
+
+    def pretrain_config(self, family: BackboneFamily) -> PretrainConfig:
+        """The pretraining config of `family`'s small model (its `backbone` dict is the family's own format)."""
+        return PretrainConfig(backbone=family.small_config(self.model_size()), epochs=self.pretrain_epochs,
+                              batch_size=self.pretrain_batch_size, lr=self.pretrain_lr, warmup_steps=20)
+
+    def task_epochs(self, task: str) -> int:
+        """Fine-tuning epochs of a task (`vqa_epochs` for VQA, `epochs` otherwise)."""
+        return self.vqa_epochs if task == "vqa" else self.epochs
+
+    @classmethod
+    def tiny(cls) -> "QualitySettings":
+        """Seconds-long plumbing check (tests): minimal world and model, one epoch."""
+        return cls(models=("blip",), methods=("dense", "multiflow"), sparsities=(0.75,), seeds=(0,),
+                   sizes=WorldSizes(calibration=16, train=8, val=1, test=4, vqa_train=8, vg=2, vqa_test=4,
+                                    questions_per_image=1),
+                   hidden_size=32, layers=1, patch_size=16, pretrain_epochs=1, epochs=1, vqa_epochs=1, batch_size=8,
+                   calibration_batches=1, calibration_batch_size=8, pretrain_batch_size=8, k_test=4)
+
+
+
+# ---------------------------------------------------------------------------------------- the grid
+def run_key(method: str, sparsity: float | None, seed: int) -> str:
+    return f"{method}@{'0' if sparsity is None else f'{sparsity:g}'}-s{seed}"
+
+
+def grid(s: QualitySettings) -> list[tuple[str, str, float | None]]:
+    """(model, method, sparsity) of every pruned or dense backbone, dense once per model."""
+    out = []
+    for model in s.models:
+        for method in s.methods:
+            for sparsity in ([None] if METHODS[method].method is None else s.sparsities):
+                out.append((model, method, sparsity))
+    return out
+
+
+def settings_fingerprint(s: QualitySettings) -> dict:
+    """What a resumed run must share with the stored runs (the grid itself may grow)."""
+    d = asdict(s)
+    for name in ("models", "methods", "sparsities", "seeds", "tasks"):
+        d.pop(name)
+    return d

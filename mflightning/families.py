@@ -1,0 +1,257 @@
+"""Backbone families of the demo and the quality benchmark, and the builders both share.
+
+A `BackboneFamily` says, for one backbone ("blip", "xvlm"), how its small model is configured
+(`small_config`), pretrained and cached (`pretrain_class`, `cache_prefix`), loaded back
+(`backbone_class`) and fine-tuned (`task_classes`, `finetune_options`). Families are registered
+once by name with `register_family` (a second registration of a name is an error) and found with
+`get_family`; code that runs a model takes its family instead of branching on the model's name.
+
+The shared builders: `task_datamodule` (the synthetic world's datamodule of a task),
+`calibration_loader` (the calibration batches a backbone is pruned on), `BackboneFamily.task_module`
+and `fit_and_test` (fine-tune one task module, kept sparse by a mask file, and test it).
+
+Cache keys do not change with this module: a BLIP folder is `pretrained-<cache_key>`, an XVLM one
+`xvlm-pretrained-v2-<cache_key>`, with `mflightning.pretrain.cache_key` of the world and config.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from mflightning.data import CalibrationDataModule, CaptionDataModule, RetrievalDataModule, VQADataModule
+from mflightning.data.transforms import build_test_transform
+from mflightning.models import BlipBackbone, XVLMBackbone
+from mflightning.pretrain import (
+    BLIP_CACHE_PREFIX,
+    SMALL_BACKBONE,
+    PretrainConfig,
+    PretrainModule,
+    XVLMPretrainModule,
+    cached_model_dir,
+    pretrain_cached,
+    pretrain_record,
+)
+from mflightning.tasks import (
+    CaptioningModule,
+    RetrievalModule,
+    VQAModule,
+    XVLMCaptioningModule,
+    XVLMRetrievalModule,
+    XVLMVQAModule,
+)
+
+TASKS = ("retrieval", "captioning", "vqa")
+XVLM_CACHE_VERSION = 2  # 2: pretrained on whole images (1: random calibration crops)
+# Constructor arguments of every family's captioning and VQA modules (retrieval's is the run's k_test).
+TASK_OPTIONS: dict[str, dict[str, Any]] = {
+    "captioning": {"num_beams": 3, "min_length": 5, "max_length": 24},
+    "vqa": {"answer_list": None, "k_test": 128},
+}
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """The sizes a small model is built at (every family reads the same fields).
+
+    Args:
+        hidden_size: width of every encoder.
+        layers: layers per encoder (BLIP: vision, text; XVLM: vision, text, fusion).
+        heads: attention heads.
+        image_size: side of the square input images.
+        patch_size: side of the ViT patches.
+    """
+
+    hidden_size: int
+    layers: int
+    heads: int
+    image_size: int
+    patch_size: int
+
+
+def blip_small_config(size: ModelSize) -> dict:
+    """SMALL_BACKBONE resized: hidden width, layers, heads (MLP twice as wide), image and patch size."""
+    config = copy.deepcopy(SMALL_BACKBONE)
+    for part in ("text_config", "vision_config"):
+        config[part].update(hidden_size=size.hidden_size, intermediate_size=2 * size.hidden_size,
+                            num_hidden_layers=size.layers, num_attention_heads=size.heads)
+    config["text_config"]["encoder_hidden_size"] = size.hidden_size
+    config["vision_config"].update(image_size=size.image_size, patch_size=size.patch_size)
+    config["image_text_hidden_size"] = max(8, size.hidden_size // 2)
+    return config
+
+
+def xvlm_small_config(size: ModelSize) -> dict:
+    """A small XVLM: timm ViT of `layers` blocks, `layers` text + `layers` fusion layers, as wide as the ViT."""
+    vision = dict(patch_size=size.patch_size, embed_dim=size.hidden_size, depth=size.layers, num_heads=size.heads,
+                  pre_norm=True)
+    return dict(hidden_size=size.hidden_size, num_attention_heads=size.heads, intermediate_size=2 * size.hidden_size,
+                num_text_layers=size.layers, num_fusion_layers=size.layers, max_position_embeddings=40,
+                vision_model=None, vision_kwargs=vision, image_size=size.image_size,
+                embed_dim=max(8, size.hidden_size // 2))
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """How the demo and the benchmark build, pretrain, load and fine-tune one backbone family.
+
+    Args:
+        name: the registry name ("blip", "xvlm"), also the benchmark's `--models` choice.
+        cache_prefix: the cache folder of a pretrained model is `<cache_prefix>-<cache_key>`.
+        small_config: the backbone config dict (the family's own format) of a small model.
+        pretrain_class: its pretraining LightningModule (`for_pretraining(config, vocab)`); built
+            around a backbone, its `pruning_loss` is the pretraining loss that SNIP uses.
+        backbone_class: the backbone, read back with `from_pretrained(model_dir)`.
+        task_classes: task name -> task LightningModule class.
+        finetune_options: constructor arguments the demo gives each of its task modules.
+    """
+
+    name: str
+    cache_prefix: str
+    small_config: Callable[[ModelSize], dict]
+    pretrain_class: type
+    backbone_class: type
+    task_classes: Mapping[str, type]
+    finetune_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def model_dir(self, world_root: str | os.PathLike, cache_dir: str | os.PathLike, config: PretrainConfig) -> Path:
+        """Where the model pretrained with `config` on this world is (or will be) cached."""
+        return cached_model_dir(world_root, cache_dir, config, prefix=self.cache_prefix)
+
+    def pretrain(self, world_root: str | os.PathLike, cache_dir: str | os.PathLike, config: PretrainConfig,
+                 progress: bool = False) -> Path:
+        """Pretrain on the world's caption split, or reuse the cached model; returns its folder."""
+        target = self.model_dir(world_root, cache_dir, config)
+        return pretrain_cached(world_root, target, config, self.pretrain_class, progress)
+
+    def load(self, model_dir: str | os.PathLike) -> tuple[nn.Module, str, dict]:
+        """(backbone, vocab path, pretraining record) of a cached pretrained model."""
+        record = pretrain_record(model_dir)
+        return self.backbone_class.from_pretrained(str(model_dir)), str(Path(model_dir) / "vocab.txt"), record
+
+    def pruning_loss(self, backbone: nn.Module, vocab: str) -> Callable:
+        """`loss(model, batch)` for SNIP: the family's pretraining loss, run on `backbone` itself (not a copy)."""
+        holder = self.pretrain_class(backbone=backbone, tokenizer=vocab)
+        if holder.backbone is not backbone:
+            raise RuntimeError(f"{self.name}: the SNIP loss must run the backbone being pruned, not a copy")
+        return lambda _model, batch: holder.pruning_loss(batch)
+
+    def task_module(self, task: str, backbone: nn.Module, vocab: str, *, lr: float, k_test: int,
+                    family_options: bool = True, **extra: Any):
+        """The family's module for `task` around a copy of `backbone`.
+
+        Args:
+            lr: fine-tuning learning rate.
+            k_test: candidates re-scored per query at retrieval evaluation.
+            family_options: add `finetune_options` (the demo's settings; the quality benchmark's
+                captioning runs were made with the task class's own defaults instead).
+            **extra: further constructor arguments (e.g. `meteor=False`).
+        """
+        if task not in self.task_classes:
+            raise ValueError(f"family {self.name!r} has no {task!r} task; choose from {list(self.task_classes)}")
+        options = {"k_test": k_test} if task == "retrieval" else TASK_OPTIONS[task]
+        common = dict(backbone=copy.deepcopy(backbone), tokenizer=vocab, lr=lr)
+        if family_options:
+            common.update(self.finetune_options)
+        return self.task_classes[task](**options, **common, **extra)
+
+
+FAMILIES: dict[str, BackboneFamily] = {}
+
+
+def register_family(family: BackboneFamily) -> BackboneFamily:
+    """Add `family` to the registry under its name; a name registered twice is an error naming it."""
+    if family.name in FAMILIES:
+        raise ValueError(f"backbone family {family.name!r} is already registered ({sorted(FAMILIES)})")
+    FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> BackboneFamily:
+    """The registered family called `name` (an error lists the registered ones)."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone family {name!r}; registered: {sorted(FAMILIES)}") from None
+
+
+BLIP = register_family(BackboneFamily(
+    name="blip", cache_prefix=BLIP_CACHE_PREFIX, small_config=blip_small_config, pretrain_class=PretrainModule,
+    backbone_class=BlipBackbone,
+    task_classes={"retrieval": RetrievalModule, "captioning": CaptioningModule, "vqa": VQAModule},
+    finetune_options={"weight_decay": 0.05, "warmup_steps": 10},
+))
+XVLM = register_family(BackboneFamily(
+    name="xvlm", cache_prefix=f"xvlm-pretrained-v{XVLM_CACHE_VERSION}", small_config=xvlm_small_config,
+    pretrain_class=XVLMPretrainModule, backbone_class=XVLMBackbone,
+    task_classes={"retrieval": XVLMRetrievalModule, "captioning": XVLMCaptioningModule, "vqa": XVLMVQAModule},
+))
+
+
+# ---------------------------------------------------------------------------------------- data
+def full_view(datamodule_class: type) -> type:
+    """The datamodule class with training images resized whole instead of randomly cropped.
+
+    Captions and questions of the synthetic world name every object and where it lies; a random
+    crop (scale 0.5-1) cuts objects out and moves them, making its labels wrong.
+    """
+
+    class FullView(datamodule_class):
+        def train_transform(self):
+            return build_test_transform(self.image_size)
+
+    FullView.__name__ = FullView.__qualname__ = f"FullView{datamodule_class.__name__}"
+    return FullView
+
+
+def task_datamodule(task: str, world, *, image_size: int, batch_size: int, seed: int):
+    """The world's datamodule for one task, on whole images of `image_size` (the pretrained model's)."""
+    common = dict(image_root=world.image_root, tokenizer=world.vocab, image_size=image_size, batch_size=batch_size,
+                  eval_batch_size=64, num_workers=0, augment=False, hflip=False, seed=seed)
+    if task == "retrieval":
+        return full_view(RetrievalDataModule)(train_json=world.retrieval_train, test_json=world.retrieval_test,
+                                              max_length=30, **common)
+    if task == "captioning":
+        return full_view(CaptionDataModule)(train_json=world.caption_train, test_json=world.caption_test,
+                                            max_length=30, **common)
+    if task == "vqa":
+        return full_view(VQADataModule)(train_json=[world.vqa_train, world.vg_train], test_json=world.vqa_test,
+                                        answer_list_json=world.answer_list, max_length=20, answer_max_length=6,
+                                        **common)
+    raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}")
+
+
+def calibration_loader(world, vocab: str, *, image_size: int, batch_size: int, max_length: int = 30, seed: int = 0):
+    """The world's calibration batches (generic captions, no task data) a pretrained backbone is pruned on."""
+    return CalibrationDataModule(
+        calibration_json=world.calibration, image_root=world.image_root, tokenizer=vocab, image_size=image_size,
+        batch_size=batch_size, num_workers=0, max_length=max_length, seed=seed,
+    ).calibration_dataloader()
+
+
+# ---------------------------------------------------------------------------------------- fine-tuning
+def fit_and_test(module, datamodule, *, masks, epochs: int, root_dir: str | os.PathLike, accelerator: str = "auto",
+                 progress: bool = False) -> tuple[dict[str, float], dict[str, float]]:
+    """Fine-tune `module` (kept sparse by `masks` when given), then test it: (test metrics, measured sparsity).
+
+    The sparsity is the callback's measurement of the fine-tuned module per group (empty when dense).
+    """
+    import lightning as L
+
+    from mflightning.callback import MultiFlowCallback
+
+    pruning = MultiFlowCallback(masks=masks) if masks is not None else None
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=progress, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[pruning] if pruning is not None else [], default_root_dir=str(root_dir),
+    )
+    trainer.fit(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    sparsity = pruning.measured_sparsity(module) if pruning is not None else {}
+    return dict(module.eval_results["test"]), sparsity
