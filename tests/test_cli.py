@@ -217,3 +217,16 @@ def test_fit_calibrates_in_on_fit_start_when_no_mask_file_is_given(tiny, tmp_pat
     assert callback.result.method == "wanda" and callback.result.calibration["num_batches"] == 2
     assert PruningResult.load(saved).sparsity == pytest.approx(0.5, abs=0.01)
     assert callback.measured_sparsity(cli.model)["total"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_pruning_settings_are_a_pruning_config_checked_when_built():
+    from mflightning.cli import PruningSettings, RecipeError
+    from mflightning.pruning import PruningConfig
+
+    settings = PruningSettings(pattern="2:4", masks=None, save_scores=True)
+    assert isinstance(settings, PruningConfig) and settings.sparsity == 0.5
+    assert settings.config == PruningConfig(pattern="2:4")
+    with pytest.raises(RecipeError, match="pruning section: unknown pruning method 'nope'"):
+        PruningSettings(method="nope")
+    # random needs only its seed, not calibration data (it is not data-driven)
+    assert not PruningSettings(sparsity=0.5, method="random").config.spec.data_driven

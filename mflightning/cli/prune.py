@@ -73,15 +73,15 @@ def run_prune(args: list[str]) -> PruneOutputs:
     """`mflightning prune`: build model + calibration data, prune once, write masks, scores and reports."""
     import lightning as L
 
-    from mflightning.pruning import METHODS, prune
+    from mflightning.pruning import prune
 
     parser = prune_parser()
     config = parser.parse_args(args)
     plain = as_dict(config)
     settings = prune_settings(plain)
     require_paths(plain)
-    needs = METHODS[settings.method].needs
-    if needs is not None and not plain.get("data"):
+    needs_data = settings.config.spec.data_driven  # activations or gradients (random only needs a seed)
+    if needs_data and not plain.get("data"):
         raise RecipeError(f"method {settings.method!r} needs calibration data: add a data: section")
 
     L.seed_everything(config.seed_everything, verbose=False)
@@ -89,16 +89,13 @@ def run_prune(args: list[str]) -> PruneOutputs:
     module = init.model
     device = _device(config.device)
     module.to(device)
-    calibration = _calibration_loader(init.data) if needs is not None else None
+    calibration = _calibration_loader(init.data) if needs_data else None
     target, forward, loss = _pruning_target(module, config.precision, device)
 
     started = time.perf_counter()
     result = prune(
-        target, sparsity=settings.sparsity, method=settings.method, calibration=calibration, forward=forward,
-        modalities=settings.modalities, exclude=settings.exclude, num_batches=settings.num_batches,
-        allocation=settings.allocation, invert=settings.invert, loss=loss, seed=settings.seed,
-        rounds=settings.rounds, keep_scores=True, progress=config.progress, image_groups=settings.image_groups,
-        prune_tied_embeddings=settings.prune_tied_embeddings,
+        target, settings.config, calibration=calibration, forward=forward, loss=loss, keep_scores=True,
+        progress=config.progress,
     )
     seconds = time.perf_counter() - started
     outputs = write_outputs(result, Path(config.output_dir), seconds)

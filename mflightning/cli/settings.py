@@ -9,70 +9,52 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
+
+from mflightning.pruning.config import PruningConfig
 
 from .errors import RecipeError
 
 
 @dataclass
-class PruningSettings:
-    """The `pruning:` section of a recipe (see the module docstring for how the fields combine).
+class PruningSettings(PruningConfig):
+    """The `pruning:` section of a recipe: every `PruningConfig` field (what to prune, validated once,
+    as a `RecipeError`), plus where masks come from and go (see the module docstring).
 
     Args:
-        sparsity: fraction of the prunable weights to remove, in [0, 1); None with masks=None: dense.
-        method: multiflow, omp, lamp, random, wanda, snip or itersnip.
         masks: mask/scores file written by `mflightning prune` (or `PruningResult.save`) to apply.
-        allocation: None (the method's own) or modality, magnitude, global, layer, row (ablations).
-        invert: keep the lowest scores (sanity-check ablation).
-        num_batches: calibration batches to use (None: the whole calibration loader).
-        modalities: None (the model's preset), a preset name, or a mapping group -> regex.
-        exclude: regexes of parameter names that stay dense.
-        seed: seed of the random baseline.
-        rounds: IterSNIP rounds.
         save_masks: where `fit` writes the masks it computed (calibration in on_fit_start only).
         save_scores: also store the scores in `save_masks`, so another sparsity can re-threshold it.
-        image_groups: groups whose inputs are image tokens, never PAD-filtered (null: the preset's;
-            a `modalities` mapping declares none unless listed here).
-        prune_tied_embeddings: also prune Linear weights tied to an nn.Embedding (dense by default).
         partial_masks: allow a mask file that covers only some of the model's prunable layers.
         mask_prefix: the prefix the model puts in front of the mask names (null: found automatically).
+
+    `sparsity` None with `masks` None means dense fine-tuning.
     """
 
-    sparsity: float | None = None
-    method: str = "multiflow"
     masks: str | None = None
-    allocation: str | None = None
-    invert: bool = False
-    num_batches: int | None = None
-    modalities: str | dict[str, str] | None = None
-    exclude: list[str] = field(default_factory=list)
-    seed: int = 0
-    rounds: int = 10
     save_masks: str | None = None
     save_scores: bool = False
-    image_groups: list[str] | None = None
-    prune_tied_embeddings: bool = False
     partial_masks: bool = False
     mask_prefix: str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            super().__post_init__()
+        except (TypeError, ValueError) as err:
+            raise RecipeError(f"pruning section: {err}") from None
 
     @property
     def enabled(self) -> bool:
         return self.sparsity is not None or self.masks is not None
 
-    def validate(self) -> None:
-        """Check sparsity, method and allocation without touching any file or model."""
-        from mflightning.pruning import check_method, check_sparsity
+    @property
+    def config(self) -> PruningConfig:
+        """The `PruningConfig` part of these settings."""
+        return PruningConfig(**{f.name: getattr(self, f.name) for f in fields(PruningConfig)})
 
-        try:
-            if self.sparsity is not None:
-                check_sparsity(self.sparsity)
-            check_method(self.method, self.allocation)
-        except ValueError as err:
-            raise RecipeError(f"pruning section: {err}") from None
-        if self.num_batches is not None and self.num_batches < 1:
-            raise RecipeError(f"pruning.num_batches must be >= 1 or null, got {self.num_batches}")
-        if self.rounds < 1:
-            raise RecipeError(f"pruning.rounds must be >= 1, got {self.rounds}")
+    def validate(self) -> None:
+        """Settings are checked when built; this re-checks them after a field was changed in place."""
+        self.__post_init__()
 
     def load_masks(self):
         """The PruningResult of `masks`, re-thresholded at `sparsity` when that differs from the file's."""
@@ -98,15 +80,7 @@ class PruningSettings:
 
         if not self.enabled:
             return None
-        common = dict(
-            modalities=self.modalities, exclude=tuple(self.exclude), image_groups=self.image_groups,
-            prune_tied_embeddings=self.prune_tied_embeddings, partial_masks=self.partial_masks,
-            mask_prefix=self.mask_prefix,
-        )
+        common = dict(config=self.config, partial_masks=self.partial_masks, mask_prefix=self.mask_prefix)
         if self.masks is not None:
             return MultiFlowCallback(masks=self.load_masks(), **common)
-        return MultiFlowCallback(
-            sparsity=self.sparsity, method=self.method, num_batches=self.num_batches, allocation=self.allocation,
-            invert=self.invert, save_masks=self.save_masks, save_scores=self.save_scores, seed=self.seed,
-            rounds=self.rounds, **common,
-        )
+        return MultiFlowCallback(save_masks=self.save_masks, save_scores=self.save_scores, **common)
