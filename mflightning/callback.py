@@ -1,5 +1,8 @@
 """MultiFlowCallback: prune once when fitting starts and keep the pruned weights at zero.
 
+(About 380 lines, mostly documentation: every Lightning hook and argument is documented here;
+the exact parts live in `pruning/` — masks in `engine.py`, upkeep in `upkeep.py`.)
+
 The callback is thin glue between Lightning and `mflightning.pruning`: it finds calibration data,
 shards it over processes (reductions go through the Trainer's strategy), decides where the masks
 come from (a checkpoint, a given file or result, or calibration) and hands them to a
@@ -36,7 +39,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from .pruning import PruningConfig, PruningResult, prune
-from .pruning.stats import default_forward
+from .pruning.batches import default_forward
 from .pruning.upkeep import MaskKeeper, pack_mask, unpack_mask
 
 SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)

@@ -42,7 +42,7 @@ class Mutant:
     equivalent: str = ""  # why surviving is fine (an equivalent mutant); empty: it must be killed
 
 
-S, ST, AL, EN, RE, UP, CB, TG, AT = (
+S, ST, AL, EN, RE, UP, CB, TG, AT, BA = (
     "mflightning/pruning/scores.py",
     "mflightning/pruning/stats.py",
     "mflightning/pruning/allocation.py",
@@ -52,6 +52,7 @@ S, ST, AL, EN, RE, UP, CB, TG, AT = (
     "mflightning/callback.py",
     "mflightning/pruning/targets.py",
     "mflightning/pruning/attention.py",
+    "mflightning/pruning/batches.py",
 )
 
 MUTANTS: tuple[Mutant, ...] = (
@@ -91,7 +92,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("reduce-skipped", ST, "    if reduce is None or not tensors:\n        return tensors",
            "    if True:\n        return tensors", "sharded statistics are not summed over processes",
            tests=("tests/pruning/test_engine_sharding.py", "tests/pruning/test_core_ddp.py")),
-    Mutant("shard-all", ST, "        if index % world == rank:\n            yield index, batch",
+    Mutant("shard-all", BA, "        if index % world == rank:\n            yield index, batch",
            "        yield index, batch", "every process calibrates on every batch",
            tests=("tests/pruning/test_core_ddp.py", "tests/pruning/test_engine_sharding.py")),
     # ---------------------------------------------------------------- allocation (Eq. 7-8, ablations, ties)
@@ -116,9 +117,9 @@ MUTANTS: tuple[Mutant, ...] = (
            "Wanda's row groups count the wrong dimension"),
     # ---------------------------------------------------------------- mask upkeep
     Mutant("upkeep-no-grad-zero", UP,
-           "_fused_mul([(local(p.grad), kept) for p, kept in pairs if p.grad is not None])",
+           "_fused_mul([(local(p.grad), kept) for p, kept in pairs if p.grad is not None], self._buffers)",
            "pass", "gradients of pruned weights are not zeroed"),
-    Mutant("upkeep-no-rezero", UP, "_fused_mul([(local(p), kept) for p, kept in pairs])", "pass",
+    Mutant("upkeep-no-rezero", UP, "_fused_mul([(local(p), kept) for p, kept in pairs], self._buffers)", "pass",
            "pruned weights are not re-zeroed (after steps, or when masks are applied)"),
     Mutant("upkeep-stale-groups", UP, "if cached is None or cached[0] != signature:", "if cached is None:",
            "parameters that join an optimizer later are never masked"),
@@ -152,10 +153,10 @@ MUTANTS: tuple[Mutant, ...] = (
            "if False:", "a Linear tied to an embedding is pruned"),
     Mutant("image-groups-ignored", TG, "filter_tokens = group not in spec.image_groups and",
            "filter_tokens = True and", "image groups are PAD-filtered like text"),
-    Mutant("presharded-resharded", ST,
+    Mutant("presharded-resharded", BA,
            "    if presharded is not None:\n        yield from _iterate_presharded(",
            "    if False:\n        yield from _iterate_presharded(", "a DistributedSampler loader is sharded again"),
-    Mutant("lockstep-off", ST, "        yield None, last  # the last group",
+    Mutant("lockstep-off", BA, "        yield None, last  # the last group",
            "        pass  # the last group", "a rank with one batch fewer skips the forward the others run (FSDP2 hangs)"),
     Mutant("coverage-unchecked", RE, "        if not partial:\n            self._check_coverage(",
            "        if False:\n            self._check_coverage(", "a partial mask file is applied silently"),

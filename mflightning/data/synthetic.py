@@ -1,5 +1,8 @@
 """A procedural, seeded vision-language world: coloured shapes on a grid, with captions and questions.
 
+(About 400 lines: the world's scene sampler, renderer and the caption/question generators share
+one vocabulary and seed stream; splitting them would spread that contract over files.)
+
 `generate_world(root)` writes the same on-disk formats as the real datasets (docs/design.md):
 calibration captions (their own images, never task data), a COCO-Karpathy-style split shared
 by retrieval and captioning (as in COCO), VQA train / VG-style QA / VQA test with 10 human

@@ -1,5 +1,8 @@
 """Write a pruned model in a compressed-tensors sparse layout (`model.safetensors` + `config.json`) and read it back.
 
+(About 440 lines: the writer, its pre-write checks and its reader are kept in one file because
+they must agree on the layout byte for byte; the layouts themselves are in `layouts.py`.)
+
 Only the masked layers are compressed; every other tensor (embeddings, norms, biases, dense
 heads) is stored as it is. `config.json` carries compressed-tensors' sparsity config under
 `quantization_config.sparsity_config`, the way llm-compressor writes it, plus an

@@ -1,5 +1,8 @@
 """BLIP backbone: ViT image encoder, image-grounded text encoder, text decoder and the ITC/ITM heads.
 
+(About 360 lines: the preset and the one backbone class with its interface methods; configs and
+checkpoints live in `blip_config.py` and `blip_checkpoints.py`.)
+
 One class serves retrieval, captioning and VQA, so that parameter names are identical for every
 task and ONE mask file computed on the backbone applies unchanged to all task modules (each holds
 the backbone as attribute ``backbone``).

@@ -15,19 +15,18 @@ from .allocation import compute_masks, pattern_masks
 from .config import PruningConfig, check_method, check_sparsity  # noqa: F401  (check_* re-exported)
 from .methods import METHODS, Method  # noqa: F401  (METHODS re-exported)
 from .result import SHOWN, PruningResult, apply_masks
-from .stats import (
+from .batches import (
     Batch,
     ForwardFn,
     ReduceFn,
     TokenMaskFn,
     clone_inference_tensors,
-    collect_gradients,
-    collect_input_norms,
     default_forward,
     default_token_mask,
     distributed_sampler_shard,
     move_to_device,
 )
+from .stats import collect_gradients, collect_input_norms
 from .targets import SINGLE_GROUP, GroupSpec, Target, find_targets, resolve_modalities
 from .upkeep import full_tensor, is_dtensor
 

@@ -1,4 +1,9 @@
-"""PruningResult: the masks of one pruning run, with what is needed to apply, save, report and re-threshold."""
+"""PruningResult: the masks of one pruning run, with what is needed to apply, save, report and re-threshold.
+
+(About 400 lines, on purpose: one dataclass whose methods are a result's whole API, figures,
+report, re-threshold, apply and the file format, kept together so the format and its reader
+cannot drift apart. Name matching and coverage live in `naming.py`.)
+"""
 from __future__ import annotations
 
 import json
@@ -15,7 +20,7 @@ from torch import Tensor, nn
 
 from .allocation import compute_masks, parse_pattern, pattern_masks
 from .config import check_sparsity
-from .targets import find_targets, resolve_modalities
+from .naming import _add_inherited, _match_names, prunable_layers  # noqa: F401  (prunable_layers re-exported)
 
 FORMAT = "mflightning-masks/1"
 # How many names an error or a warning lists before giving only the count.
@@ -387,22 +392,6 @@ def package_version() -> str:
         return "unknown"
 
 
-def prunable_layers(model: nn.Module, preset: str | None, exclude: Iterable[str] = ()) -> list[str]:
-    """Names of the weights `prune(model, modalities=preset, exclude=exclude)` would mask.
-
-    Only the names matter here, so a layer the preset gives no group still counts as prunable
-    (prune() would refuse it, naming it; here it is reported as uncovered instead).
-    """
-    spec = resolve_modalities(model, preset, exclude)
-    any_group = replace(spec, assign=lambda name: spec.assign(name) or "unassigned")
-    try:
-        return list(find_targets(model, any_group))
-    except ValueError as err:
-        if "no prunable" in str(err):  # nothing left to cover (no layer, or every one excluded)
-            return []
-        raise
-
-
 def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
     """Zero, in place, the entries of each named parameter where its mask is False.
 
@@ -418,81 +407,3 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
                     param.mul_(mask.to(param.device))
             else:
                 param.mul_(mask.to(param.device))
-
-
-def _add_inherited(preset_name: str, params: Mapping[str, Tensor], resolved: dict[str, Tensor]) -> None:
-    """Give parameters without a mask the mask the preset's `inherit` rules name (a copy takes its source's)."""
-    from .presets import get_preset
-
-    for pattern, replacement in get_preset(preset_name).inherit:
-        regex = re.compile(pattern)
-        for name in params:
-            if name in resolved or not regex.search(name):
-                continue
-            source = regex.sub(replacement, name)
-            if source in resolved:
-                resolved[name] = resolved[source]
-
-
-def _match_names(
-    names: list[str], params: Mapping[str, Tensor], prefix: str | None = None, where: str = "the masks"
-) -> tuple[str, str]:
-    """How mask names become the model's parameter names: `(strip, add)`, name -> add + name[len(strip):].
-
-    Exact names win. Otherwise every way of stripping a leading part of the mask names and/or
-    adding a prefix is tried, and exactly one distinct mapping must fit all names: a model holding
-    two copies of the masked layers (`teacher.*`, `student.*`) is an error naming the candidates,
-    never a silent pick of the first. `prefix` settles it: the masks get `prefix` in front (after
-    stripping a leading part of theirs, if only that fits).
-    """
-    if not names:
-        return "", prefix or ""
-    if prefix is not None:
-        if all(prefix + n in params for n in names):
-            return "", prefix
-        pairs = [pair for pair in _candidate_pairs(names[0], params) if pair[1] == prefix]
-    elif all(n in params for n in names):
-        return "", ""
-    else:
-        pairs = _candidate_pairs(names[0], params)
-    fitting: dict[tuple[str, ...], tuple[str, str]] = {}
-    for strip, add in dict.fromkeys(pairs):
-        if all(n.startswith(strip) and add + n[len(strip):] in params for n in names):
-            fitting.setdefault(tuple(add + n[len(strip):] for n in names), (strip, add))
-    if len(fitting) == 1:
-        return next(iter(fitting.values()))
-    if len(fitting) > 1:
-        shown = [_describe(pair) for pair in fitting.values()]
-        raise ValueError(
-            f"{where} match the model under {len(fitting)} different name prefixes ({', '.join(shown)}): "
-            "it holds several copies of the masked layers; pass prefix= (what the model puts in front "
-            "of the mask names, '' for nothing) to say which copy to mask"
-        )
-    missing = [n for n in names if (prefix or "") + n not in params]
-    with_prefix = f" with prefix {prefix!r}" if prefix else ""
-    raise ValueError(
-        f"{where} do not match the model: {len(missing)} of {len(names)} mask names{with_prefix} are not "
-        f"parameters of it (first: {missing[:3]}), and no common name prefix fixes that"
-    )
-
-
-def _candidate_pairs(probe: str, params: Mapping[str, Tensor]) -> list[tuple[str, str]]:
-    """(prefix to strip from the mask names, prefix to add) pairs under which `probe` names a parameter."""
-    candidates: list[tuple[str, str]] = []
-    for pname in params:
-        if pname.endswith("." + probe):
-            candidates.append(("", pname[: -len(probe)]))
-    parts = probe.split(".")
-    for i in range(1, len(parts)):
-        stripped = ".".join(parts[i:])
-        if stripped in params:
-            candidates.append((".".join(parts[:i]) + ".", ""))
-        for pname in params:
-            if pname.endswith("." + stripped) and pname != stripped:
-                candidates.append((".".join(parts[:i]) + ".", pname[: -len(stripped)]))
-    return candidates
-
-
-def _describe(pair: tuple[str, str]) -> str:
-    strip, add = pair
-    return f"{add!r} in place of {strip!r}" if strip else repr(add)
