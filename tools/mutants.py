@@ -42,7 +42,7 @@ class Mutant:
     equivalent: str = ""  # why surviving is fine (an equivalent mutant); empty: it must be killed
 
 
-S, ST, AL, EN, RE, UP, CB, TG, AT, BA = (
+S, ST, AL, EN, RE, UP, CB, TG, AT, BA, NA = (
     "mflightning/pruning/scores.py",
     "mflightning/pruning/stats.py",
     "mflightning/pruning/allocation.py",
@@ -53,6 +53,7 @@ S, ST, AL, EN, RE, UP, CB, TG, AT, BA = (
     "mflightning/pruning/targets.py",
     "mflightning/pruning/attention.py",
     "mflightning/pruning/batches.py",
+    "mflightning/pruning/naming.py",
 )
 
 MUTANTS: tuple[Mutant, ...] = (
@@ -129,7 +130,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("callback-reuse-leaks", CB, "if self._keeper is not None and current is pl_module:",
            "if self._keeper is not None:", "a reused callback keeps the first module's masks"),
     # ---------------------------------------------------------------- inheritance, resume, re-threshold
-    Mutant("inherit-off", RE, "            if source in resolved:\n                resolved[name] = resolved[source]",
+    Mutant("inherit-off", NA, "            if source in resolved:\n                resolved[name] = resolved[source]",
            "            pass", "decoder copies do not inherit their encoder layer's masks",
            tests=FAST + ("tests/models", "tests/tasks/test_tasks.py")),
     Mutant("resume-ignored", CB, '            self._restored = {**state_dict, "masks": masks}',
@@ -160,7 +161,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "        pass  # the last group", "a rank with one batch fewer skips the forward the others run (FSDP2 hangs)"),
     Mutant("coverage-unchecked", RE, "        if not partial:\n            self._check_coverage(",
            "        if False:\n            self._check_coverage(", "a partial mask file is applied silently"),
-    Mutant("prefix-first-wins", RE, "    if len(fitting) == 1:\n        return next(iter(fitting.values()))",
+    Mutant("prefix-first-wins", NA, "    if len(fitting) == 1:\n        return next(iter(fitting.values()))",
            "    if len(fitting) >= 1:\n        return next(iter(fitting.values()))",
            "with two candidate prefixes the first is taken silently"),
     Mutant("itersnip-at-allowed", RE, 'if self.method == "itersnip" and not math.isclose(',
