@@ -79,7 +79,7 @@ def compute_masks_for(family: BackboneFamily, method: str, sparsity: float, back
     loss = family.pruning_loss(backbone, vocab) if spec.method in ("snip", "itersnip") else None
     result = prune(backbone, sparsity=sparsity, method=spec.method, calibration=calibration,
                    num_batches=s.calibration_batches, allocation=spec.allocation, invert=spec.invert, loss=loss,
-                   keep_scores=False)
+                   keep_scores=False, pattern=s.pattern)
     seconds = time.perf_counter() - started
     path.parent.mkdir(parents=True, exist_ok=True)
     result.save(path)
@@ -204,6 +204,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr)
     parser.add_argument("--lr", type=float, default=d.lr, help="fine-tuning learning rate (every task)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: free cores)")
+    parser.add_argument("--pattern", default=None,
+                        help="N:M pattern for every method (e.g. 2:4; --sparsities is then 1 - N/M; use its own --out)")
 
 
 def settings_from_args(args: argparse.Namespace) -> QualitySettings:
@@ -217,7 +219,7 @@ def settings_from_args(args: argparse.Namespace) -> QualitySettings:
         heads=args.heads, pretrain_epochs=args.pretrain_epochs, pretrain_lr=args.pretrain_lr,
         pretrain_batch_size=args.pretrain_batch_size, epochs=args.epochs, vqa_epochs=args.vqa_epochs, lr=args.lr, batch_size=args.batch_size,
         calibration_batches=args.calibration_batches, calibration_batch_size=args.calibration_batch_size,
-        k_test=args.k_test)
+        k_test=args.k_test, pattern=args.pattern)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

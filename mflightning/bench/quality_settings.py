@@ -68,8 +68,14 @@ class QualitySettings:
     calibration_batches: int = 8
     calibration_batch_size: int = 32
     k_test: int = 16
+    pattern: str | None = None  # N:M (e.g. "2:4"): every method prunes to this pattern; sparsities = 1 - N/M
 
     def __post_init__(self) -> None:
+        if self.pattern is not None:
+            from mflightning.pruning import parse_pattern
+
+            n, m = parse_pattern(self.pattern)
+            self.pattern, self.sparsities = f"{n}:{m}", (1.0 - n / m,)
         for name, allowed in (("models", MODELS), ("methods", tuple(METHODS)), ("tasks", TASKS)):
             values = tuple(getattr(self, name))
             bad = [v for v in values if v not in allowed]
@@ -135,4 +141,6 @@ def settings_fingerprint(s: QualitySettings) -> dict:
     d = asdict(s)
     for name in ("models", "methods", "sparsities", "seeds", "tasks"):
         d.pop(name)
+    if d["pattern"] is None:  # unstructured runs keep the fingerprint they had before patterns existed
+        d.pop("pattern")
     return d

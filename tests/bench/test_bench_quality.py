@@ -69,3 +69,13 @@ def test_bad_grid_values_are_named():
         QualitySettings(methods=("multiflow", "chita"))
     with pytest.raises(ValueError, match="sparsities"):
         QualitySettings(sparsities=(0.75, 1.0))
+
+
+def test_a_pattern_sets_the_sparsity_and_joins_the_fingerprint_only_when_given():
+    from mflightning.bench.quality_settings import QualitySettings, settings_fingerprint
+
+    patterned = QualitySettings(methods=("dense", "omp", "wanda", "multiflow"), pattern="2:4")
+    assert patterned.sparsities == (0.5,) and settings_fingerprint(patterned)["pattern"] == "2:4"
+    assert "pattern" not in settings_fingerprint(QualitySettings())  # older unstructured runs still resume
+    with pytest.raises(ValueError, match="pattern"):
+        QualitySettings(pattern="4:4")
