@@ -239,7 +239,8 @@ def report(results: list[tuple[Mutant, str, float, str]], wall: float) -> str:
         outcome = status
         if status == "survived":
             outcome = f"survived: equivalent, {mutant.equivalent}" if mutant.equivalent else "**survived: NOT KILLED**"
-        lines.append(f"| `{mutant.id}` | {mutant.what} | {outcome} | {seconds:.0f} |")
+        what = mutant.what.replace("|", "\\|")  # |W| inside a table cell
+        lines.append(f"| `{mutant.id}` | {what} | {outcome} | {seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
 
