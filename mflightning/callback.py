@@ -113,6 +113,8 @@ class MultiFlowCallback(Callback):
         self._keeper: MaskKeeper | None = None
         self._module: weakref.ref | None = None  # the module the keeper's masks belong to
         self._restored: dict[str, Any] | None = None  # state from a checkpoint, applied when pruning
+        self._restored_sparsity: float | None = None  # the restored masks' own sparsity and method
+        self._restored_method: str | None = None
         self._handles: list[Any] = []
 
     @property
@@ -181,8 +183,9 @@ class MultiFlowCallback(Callback):
             "packed_masks": {name: pack_mask(mask) for name, mask in full.items()},
             "mask_shapes": {name: list(mask.shape) for name, mask in full.items()},
             "groups": dict(self._keeper.groups),
-            "method": self.result.method if self.result else self.config.method,
-            "target_sparsity": self.result.target_sparsity if self.result else self.sparsity,
+            "method": self.result.method if self.result else self._restored_method or self.config.method,
+            # what the kept masks were made at (a resume keeps the checkpoint's, whatever sparsity= says)
+            "target_sparsity": self.result.target_sparsity if self.result else self._restored_sparsity,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -248,6 +251,7 @@ class MultiFlowCallback(Callback):
                     f"[mflightning] resuming: the checkpoint's masks (sparsity {saved}) apply, not sparsity="
                     f"{self.sparsity}; start a new fit without ckpt_path to prune at another sparsity"
                 )
+            self._restored_sparsity, self._restored_method = saved, restored.get("method")
             source = "checkpoint"
         elif self.masks is not None:
             self.result = self._given_result()

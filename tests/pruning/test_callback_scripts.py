@@ -129,6 +129,7 @@ def test_resuming_with_another_sparsity_warns_and_keeps_the_checkpoint_masks(tmp
         )
     assert module.calibration_calls == 0
     assert second.measured_sparsity()["total"] == pytest.approx(0.7, abs=0.01)
+    assert second.state_dict()["target_sparsity"] == 0.7, "a later checkpoint records the masks' own sparsity"
 
 
 @pytest.mark.parametrize("name", ["DeepSpeedStrategy", "FSDPStrategy"])
