@@ -12,19 +12,17 @@ from torch import Tensor, nn
 
 from . import scores as S
 from .allocation import compute_masks, pattern_masks
-from .config import PruningConfig, check_method, check_sparsity  # noqa: F401  (check_* re-exported)
-from .methods import METHODS, Method  # noqa: F401  (METHODS re-exported)
+from .config import PruningConfig
+from .methods import Method
 from .result import SHOWN, PruningResult, apply_masks
 from .batches import (
     Batch,
     ForwardFn,
     ReduceFn,
     TokenMaskFn,
-    clone_inference_tensors,
     default_forward,
     default_token_mask,
     distributed_sampler_shard,
-    move_to_device,
 )
 from .stats import collect_gradients, collect_input_norms
 from .targets import SINGLE_GROUP, GroupSpec, Target, find_targets, resolve_modalities
@@ -105,8 +103,6 @@ def prune(
         raise ValueError(f"method {method!r} needs `loss(model, batch) -> scalar tensor`")
     if spec.needs == "gradients":
         _check_no_inference_parameters(targets, method)
-    if spec.data_driven:
-        transfer = _ordinary_transfer(transfer, next(iter(targets.values())).param.device)
     # |W| drives the layer ratios of the pooled allocations and is OMP's score; other runs skip the copy
     needs_magnitudes = allocation in ("modality", "magnitude") or spec.score is S.magnitude_scores or keep_scores
     weights = _full_weights(targets, spec)
@@ -194,16 +190,6 @@ def _check_no_inference_parameters(targets: Mapping[str, Target], method: str) -
             "cannot use such tensors; build or load it outside inference mode (torch.no_grad() is fine), or "
             "use an activation-based (multiflow, wanda) or data-free (omp, lamp, random) method"
         )
-
-
-def _ordinary_transfer(transfer: Callable[[Batch], Batch] | None, device: torch.device) -> Callable[[Batch], Batch]:
-    """`transfer` (default: move to `device`) followed by replacing inference tensors with ordinary copies.
-
-    Batches made under `torch.inference_mode()` hold inference tensors, which autograd cannot save
-    and which carry no version counter; a copy made outside inference mode is an ordinary tensor.
-    """
-    move = transfer or (lambda batch: move_to_device(batch, device))
-    return lambda batch: clone_inference_tensors(move(batch))
 
 
 def _warn_nearly_empty(masks: Mapping[str, Tensor], sparsity: float) -> None:
