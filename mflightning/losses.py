@@ -39,7 +39,16 @@ def itc_loss(
     image_idx: torch.Tensor, text_image_idx: torch.Tensor,
 ) -> torch.Tensor:
     """Image-text contrastive loss; every pair sharing an image index is a positive (soft targets)."""
-    sim_i2t = image_feat.float() @ text_feat.float().t() / temp.float()
+    return itc_from_similarity(itc_similarity(image_feat, text_feat, temp), image_idx, text_image_idx)
+
+
+def itc_similarity(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
+    """Image-to-text similarities over the temperature, in fp32."""
+    return image_feat.float() @ text_feat.float().t() / temp.float()
+
+
+def itc_from_similarity(sim_i2t: torch.Tensor, image_idx: torch.Tensor, text_image_idx: torch.Tensor) -> torch.Tensor:
+    """`itc_loss` from precomputed image-to-text similarities (`itc_similarity`)."""
     positives = (image_idx.view(-1, 1) == text_image_idx.view(1, -1)).float()
     targets_i2t = positives / positives.sum(1, keepdim=True).clamp_min(1)
     targets_t2i = positives.t() / positives.t().sum(1, keepdim=True).clamp_min(1)
@@ -81,11 +90,12 @@ def itc_itm_losses(
     text_feat = backbone.text_features(text_states)
     with torch.no_grad():
         backbone.temp.clamp_(0.001, 0.5)
-    itc = itc_loss(image_feat, text_feat, backbone.temp, image_idx, image_idx)
+    sim = itc_similarity(image_feat, text_feat, backbone.temp)  # once: the loss, then hard-negative sampling
+    itc = itc_from_similarity(sim, image_idx, image_idx)
 
     enc_ids = with_first_token(input_ids, backbone.enc_token_id)
     with torch.no_grad():
-        sim = image_feat @ text_feat.t() / backbone.temp
+        sim = sim.detach()
         same = image_idx.view(-1, 1) == image_idx.view(1, -1)
         txt_rows, neg_image = sample_hard_negatives(sim.t(), same)  # a negative image per caption
         img_rows, neg_text = sample_hard_negatives(sim, same)  # a negative caption per image

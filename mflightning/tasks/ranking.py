@@ -119,16 +119,6 @@ def topk_score_matrices(sims: torch.Tensor, scores: torch.Tensor, k: int) -> tup
     return scores_i2t, scores_t2i
 
 
-def score_matrices(sims: torch.Tensor, itm: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """BLIP's re-ranked matrices: ``ITM logit + ITC sim`` on each query's top-k, -inf elsewhere."""
-    return topk_score_matrices(sims, itm + sims, k)
-
-
-def itm_score_matrices(sims: torch.Tensor, itm: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """XVLM's re-ranked matrices: the ITM logit alone on each query's ITC top-k, -inf elsewhere."""
-    return topk_score_matrices(sims, itm, k)
-
-
 def recall_from_scores(
     scores_i2t: torch.Tensor, scores_t2i: torch.Tensor, txt2img: list[int], img2txt: list[list[int]]
 ) -> dict[str, float]:
@@ -143,5 +133,5 @@ def recall_from_scores(
     return out
 
 
-__all__ = ["RetrievalSet", "SHARED_KEYS", "itm_score_matrices", "merge_outputs", "recall_from_scores",
-           "rerank_pairs", "rerank_scores", "score_matrices", "topk_score_matrices"]
+__all__ = ["RetrievalSet", "SHARED_KEYS", "merge_outputs", "recall_from_scores", "rerank_pairs", "rerank_scores",
+           "topk_score_matrices"]

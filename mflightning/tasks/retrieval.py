@@ -8,9 +8,8 @@ import torch
 from mflightning.losses import itc_itm_losses
 from mflightning.tasks.base import EvaluationLoop, TaskModule, _require
 from mflightning.tasks.distributed import gather_objects, rank, to_cpu
-from mflightning.tasks.ranking import (SHARED_KEYS, RetrievalSet, itm_score_matrices, merge_outputs,  # noqa: F401
-                                       recall_from_scores, rerank_pairs, rerank_scores, score_matrices,
-                                       topk_score_matrices)
+from mflightning.tasks.ranking import (SHARED_KEYS, RetrievalSet, merge_outputs,  # noqa: F401
+                                       recall_from_scores, rerank_pairs, rerank_scores, topk_score_matrices)
 
 EVAL_KEYS = ("image", "image_idx", "text_input_ids", "text_attention_mask", "text_idx", "text_image_idx")
 

@@ -24,7 +24,6 @@ from mflightning.models.xvlm import XVLMBackbone
 from mflightning.tasks.base import TaskModule, load_tokenizer
 from mflightning.tasks.captioning import CaptioningModule
 from mflightning.tasks.optim import linear_warmup_lambda  # noqa: F401
-from mflightning.tasks.ranking import itm_score_matrices  # noqa: F401
 from mflightning.tasks.retrieval import RetrievalModule
 from mflightning.tasks.vqa import VQAModule
 
@@ -88,6 +87,6 @@ def build_xvlm_backbone(spec: Any, tokenizer: Any) -> XVLMBackbone:
 
 __all__ = [
     "XVLMSettings", "XVLMTaskModule", "XVLMRetrievalModule", "XVLMCaptioningModule", "XVLMVQAModule",
-    "XVLM_OPTIMISER", "build_xvlm_backbone", "beam_search", "itm_score_matrices", "linear_warmup_lambda",
+    "XVLM_OPTIMISER", "build_xvlm_backbone", "beam_search", "linear_warmup_lambda",
     "mask_tokens",
 ]

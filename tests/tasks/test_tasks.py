@@ -14,7 +14,13 @@ from mflightning.metrics import retrieval_recall, vqa_accuracy
 from mflightning.models import BlipBackbone, XVLMBackbone, with_first_token
 from mflightning.models.xvlm import tiny_config as xvlm_tiny_config
 from mflightning.tasks import CaptioningModule, RetrievalModule, VQAModule
-from mflightning.tasks.ranking import itm_score_matrices, recall_from_scores, rerank_scores, score_matrices
+from mflightning.tasks import XVLMRetrievalModule
+from mflightning.tasks.ranking import recall_from_scores, rerank_scores, topk_score_matrices
+
+
+def score_matrices(sims, itm, k, module=RetrievalModule):
+    """The re-ranked matrices the module's own `combine_scores` gives (no instance needed: it reads no state)."""
+    return topk_score_matrices(sims, module.combine_scores(None, itm, sims), k)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +46,7 @@ def test_rerank_by_hand():
     inf = float("-inf")
     assert torch.allclose(s_i2t, torch.tensor([[0.9, inf, inf], [inf, -1.2, inf]]))
     assert torch.allclose(s_t2i, torch.tensor([[0.9, inf], [inf, -1.2], [inf, 0.7]]))
-    s_i2t, s_t2i = itm_score_matrices(sims, dense, k=1)  # XVLM: the ITM logit alone
+    s_i2t, s_t2i = score_matrices(sims, dense, k=1, module=XVLMRetrievalModule)  # XVLM: the ITM logit alone
     assert torch.allclose(s_i2t, torch.tensor([[0.0, inf, inf], [inf, -2.0, inf]]))
     assert torch.allclose(s_t2i, torch.tensor([[0.0, inf], [inf, -2.0], [inf, 0.0]]))
     # k=3 re-ranks everything: combined = [[0.9, 5.1, -0.5], [3.2, -1.2, 0.7]].
