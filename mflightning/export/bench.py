@@ -78,17 +78,6 @@ def blip_base_backbone(num_layers: int = 12, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def two_of_four_masks(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Magnitude 2:4 masks: in each row, the 2 largest |w| of every 4 consecutive inputs are kept."""
-    masks = {}
-    for name, weight in weights.items():
-        groups = weight.detach().abs().reshape(-1, 4)
-        keep = torch.zeros_like(groups, dtype=torch.bool)
-        keep.scatter_(1, groups.topk(2, dim=1).indices, True)
-        masks[name] = keep.reshape(weight.shape)
-    return masks
-
-
 def bench_sizes(
     workdir: str | os.PathLike | None = None,
     *,
@@ -103,7 +92,7 @@ def bench_sizes(
     Files go to `workdir` (a temporary folder, removed after, when None): about 0.45 GiB dense
     plus each compressed folder.
     """
-    from ..pruning import prune
+    from ..pruning import apply_masks, prune
 
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="mflightning-export-bench-") as temporary:
@@ -122,26 +111,19 @@ def bench_sizes(
     if two_four:
         settings.append(("2:4 (magnitude)", None))
     for label, sparsity in settings:
-        if sparsity is None:
-            masks = two_of_four_masks({n: params[n] for n in prunable_names(model)})
+        if sparsity is None:  # magnitude 2:4: the 2 largest |w| of every 4 consecutive inputs
+            masks = dict(prune(model, pattern="2:4", method="omp").masks)
             format, folder = BITMASK_24, "two-four"
         else:
             masks = dict(prune(model, sparsity=sparsity, method="omp").masks)
             format, folder = BITMASK, f"omp-{sparsity:.2f}"
         for name in masks:  # the weights as built, put back after each setting
             originals.setdefault(name, params[name].detach().clone())
-        _apply(params, masks)
+        apply_masks(model, masks)
         rows.append(_measure(model, masks, label, format, workdir / folder, dtype, dense_file))
         log(_line(rows[-1]))
         _restore(params, originals)
     return rows
-
-
-def prunable_names(model: nn.Module) -> list[str]:
-    """The weights `prune(model)` masks (the model's preset decides), without computing any score."""
-    from ..pruning.result import prunable_layers
-
-    return prunable_layers(model, getattr(model, "pruning_preset", None))
 
 
 def write_dense(model: nn.Module, path: Path, dtype: torch.dtype) -> int:
@@ -188,12 +170,6 @@ def _by_shape(report: ExportReport) -> dict[str, float]:
         dense[key] = dense.get(key, 0) + layer.dense_bytes
         compressed[key] = compressed.get(key, 0) + layer.compressed_bytes
     return {key: compressed[key] / dense[key] for key in sorted(dense)}
-
-
-def _apply(params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> None:
-    with torch.no_grad():
-        for name, mask in masks.items():
-            params[name].mul_(mask)
 
 
 def _restore(params: Mapping[str, nn.Parameter], originals: Mapping[str, Tensor]) -> None:
