@@ -15,6 +15,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from ..models.state import dedupe_aliases  # noqa: F401  (re-exported for the export package)
 from ..pruning.result import PruningResult, _add_inherited, _match_names
 
 MaskSource = Union[PruningResult, Mapping[str, Tensor], str, os.PathLike, None]
@@ -145,25 +146,6 @@ def checkpoint_callback_masks(checkpoint: Mapping[str, Any], where: str) -> dict
         shapes = state["mask_shapes"]
         return {name: unpack_mask(packed, shapes[name]) for name, packed in state["packed_masks"].items()}
     return {name: torch.as_tensor(mask).bool() for name, mask in state["masks"].items()}
-
-
-def dedupe_aliases(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Each storage once, under its first name, and alias -> first name for the other names of it.
-
-    Two names are one tensor when they share data pointer, shape, strides, dtype and device
-    (empty tensors are never aliases: they all may point nowhere).
-    """
-    first: dict[tuple, str] = {}
-    unique: dict[str, Tensor] = {}
-    aliases: dict[str, str] = {}
-    for name, tensor in state.items():
-        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device)
-        if tensor.numel() and key in first:
-            aliases[name] = first[key]
-            continue
-        first.setdefault(key, name)
-        unique[name] = tensor
-    return unique, aliases
 
 
 def _resolve_masks(

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from transformers import BlipConfig
 
+from mflightning.models.state import dedupe_aliases
+
 if TYPE_CHECKING:
     from mflightning.models.blip import BlipBackbone
 
@@ -36,15 +38,7 @@ WEIGHTS_NAME = "model.safetensors"
 
 def unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """State dict without tied aliases (same storage seen under two names keeps its first name)."""
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor
-    return out
+    return dedupe_aliases(model.state_dict())[0]
 
 
 def save_backbone(model: "BlipBackbone", directory: str | os.PathLike) -> Path:

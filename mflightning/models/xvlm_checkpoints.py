@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
+from mflightning.models.state import dedupe_aliases
 from mflightning.models.xvlm_config import XVLMConfig, as_xvlm_config
 
 if TYPE_CHECKING:
@@ -28,15 +29,7 @@ ARCHITECTURE = "XVLMBackbone"
 
 def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
     """Tied state-dict names -> the first name of the same storage (the LM heads' decoders)."""
-    first: dict[tuple[int, tuple[int, ...]], str] = {}
-    aliases: dict[str, str] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key in first:
-            aliases[name] = first[key]
-        else:
-            first[key] = name
-    return aliases
+    return dedupe_aliases(model.state_dict(keep_vars=True))[1]
 
 
 def save_backbone(model: "XVLMBackbone", directory: str | os.PathLike) -> Path:
