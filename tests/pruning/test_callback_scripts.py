@@ -253,3 +253,16 @@ def test_checkpointed_masks_are_bit_packed_and_old_bool_checkpoints_still_resume
                                                               ckpt_path=ckpt)
         assert module.calibration_calls == 0
         assert all(torch.equal(second.kept_masks[n], m) for n, m in first.kept_masks.items())
+
+
+def test_a_transformers_bert_fine_tuned_under_2_4_keeps_the_pattern(tmp_path):
+    from mflightning.pruning import pattern_violations
+
+    module = BertClassifier()
+    pruning = MultiFlowCallback(pattern="2:4", calibration=text_batches(2), exclude=[r"^head\."])
+    trainer(tmp_path, max_steps=4, callbacks=[pruning]).fit(module, DataLoader(text_batches(), batch_size=None))
+    params = dict(module.named_parameters())
+    assert any("attention.self.query" in n for n in pruning.kept_masks)
+    nonzero = {n: params[n].detach() != 0 for n in pruning.kept_masks}
+    assert pattern_violations(nonzero, "2:4") == {}
+    assert pruning.measured_sparsity()["total"] == pytest.approx(0.5, abs=1e-3)
