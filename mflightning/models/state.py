@@ -24,3 +24,34 @@ def dedupe_aliases(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict
         first.setdefault(key, name)
         unique[name] = tensor
     return unique, aliases
+
+
+def resize_position_embeddings(pos: Tensor, num_patches: int, *, where: str = "position embeddings") -> Tensor:
+    """Position embeddings ``(1, 1+P, D)`` or ``(1+P, D)`` resized to ``1 + num_patches`` entries.
+
+    As the original BLIP / XVLM loaders do: the CLS entry is kept, the P patch entries form a
+    square grid (rows first) that is resized with bicubic interpolation (``align_corners=False``)
+    in float32 and flattened back after CLS. The input's shape layout and dtype are kept.
+    """
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    if pos.dim() not in (2, 3) or (pos.dim() == 3 and pos.size(0) != 1):
+        raise ValueError(f"{where}: expected shape (1, 1+P, D) or (1+P, D), got {tuple(pos.shape)}")
+    table = pos if pos.dim() == 2 else pos[0]
+    old = table.size(0) - 1
+    old_side, new_side = math.isqrt(old), math.isqrt(num_patches)
+    if old_side * old_side != old or old < 1:
+        raise ValueError(f"{where}: {old} patch entries (after CLS) do not form a square grid")
+    if new_side * new_side != num_patches or num_patches < 1:
+        raise ValueError(f"{where}: target of {num_patches} patches is not a square grid")
+    if old == num_patches:
+        return pos
+    width = table.size(1)
+    grid = table[1:].float().reshape(1, old_side, old_side, width).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
+    patches = grid.permute(0, 2, 3, 1).reshape(num_patches, width).to(table.dtype)
+    out = torch.cat([table[:1], patches], dim=0)
+    return out if pos.dim() == 2 else out.unsqueeze(0)
