@@ -87,6 +87,31 @@ UNUSED_PARTS = {
 }
 
 
+def _cross_mask_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Hand the encoder mask, passed as ``attention_mask``, to the cross-attention where it reads it."""
+    if kwargs.get("encoder_hidden_states") is not None and kwargs.get("encoder_attention_mask") is None:
+        kwargs["encoder_attention_mask"] = kwargs.get("attention_mask")
+    return args, kwargs
+
+
+def honour_cross_attention_masks(text_model: nn.Module) -> int:
+    """Make every BLIP text cross-attention honour its encoder padding mask; returns how many were hooked.
+
+    transformers' ``BlipTextAttention`` passes the encoder mask on as ``attention_mask`` while its
+    cross-attention reads ``encoder_attention_mask``, so the mask is dropped and a VQA decoder
+    attends to the question's PAD states (image tokens, all real, are unaffected). A forward
+    pre-hook on each ``crossattention.self`` moves the mask where it is read; it does nothing
+    once transformers passes ``encoder_attention_mask`` itself.
+    """
+    hooked = 0
+    for name, module in text_model.named_modules():
+        if name.endswith("crossattention.self") and not getattr(module, "_mfl_cross_mask_hook", False):
+            module.register_forward_pre_hook(_cross_mask_hook, with_kwargs=True)
+            module._mfl_cross_mask_hook = True
+            hooked += 1
+    return hooked
+
+
 class BlipBackbone(nn.Module):
     """BLIP image encoder + image-grounded text encoder + text decoder + ITC/ITM heads (one name space).
 
@@ -117,6 +142,8 @@ class BlipBackbone(nn.Module):
         self.itm_head = nn.Linear(text_hidden, 2)
         self.temp = nn.Parameter(torch.tensor(float(temp)))
         config.tie_decoder = False
+        for text_model in (self.text_encoder, self.text_decoder):
+            honour_cross_attention_masks(text_model)
         if tie:
             self.tie_decoder_()
 
