@@ -10,7 +10,9 @@ CIDEr) and VQA (accuracy), once per fine-tuning seed. Writes into `--out`:
 - `masks/<model>/<method>@<sparsity>.safetensors`: the cached masks;
 - `quality.json` (every run + the mean/std summary), `quality.md` (tables laid out like the
   paper's: rows = methods, column groups = sparsity x metrics; best pruned value bold, second
-  underlined) and `quality_<task>.png` (metric against sparsity, one line per method).
+  underlined) and `quality_<task>.png` (metric against sparsity, one line per method), headed by
+  the cross-task summary (normalised score and mean rank per method) and its plot
+  `quality_cross_task.png` (the paper's Figure 3).
 
 The models come from `mflightning.families` (the demo's builders; one registered family per
 `--models` choice), the grid and settings from `quality_settings.py`, the tables and plots from
@@ -34,7 +36,7 @@ from mflightning.data.synthetic import WorldSizes, generate_world
 from mflightning.families import BackboneFamily, calibration_loader, fit_and_test, get_family, task_datamodule
 from mflightning.runtime import free_cores, quiet_libraries
 
-from .quality_report import markdown_tables, plot_quality, summarise
+from .quality_report import cross_task, cross_task_table, markdown_tables, plot_cross_task, plot_quality, summarise
 from .quality_settings import (  # noqa: F401  (importable from here as before)
     METHODS,
     METRICS,
@@ -147,12 +149,13 @@ def run_benchmark(out: str | os.PathLike, cache_dir: str | os.PathLike, s: Quali
                         + f" [{row['seconds']:.1f}s, {time.perf_counter() - started:.0f}s total]")
     shutil.rmtree(out / "work", ignore_errors=True)
     runs = collect_runs(out, s)
-    report = {"settings": asdict(s), "runs": runs, "summary": summarise(runs),
+    report = {"settings": asdict(s), "runs": runs, "summary": summarise(runs), "cross_task": cross_task(runs, s),
               "wall_seconds": round(time.perf_counter() - started, 1),  # this invocation (cached runs are skipped)
               "run_seconds_total": round(sum(r["seconds"] + r.get("mask_seconds", 0.0) for r in runs), 1)}
     (out / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "quality.md").write_text(markdown_tables(report["summary"], s) + "\n")
-    plots = plot_quality(report["summary"], s, out)
+    (out / "quality.md").write_text("## Across tasks\n\n" + cross_task_table(report["cross_task"], s)
+                                    + "\n\n## Per task\n\n" + markdown_tables(report["summary"], s) + "\n")
+    plots = [plot_cross_task(report["cross_task"], s, out), *plot_quality(report["summary"], s, out)]
     log(f"[quality] wrote {out / 'quality.json'}, {out / 'quality.md'}, " + ", ".join(str(p) for p in plots)
         + f" in {report['wall_seconds']:.0f}s")
     return report

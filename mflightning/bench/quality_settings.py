@@ -41,6 +41,13 @@ METRICS: dict[str, tuple[tuple[str, str], ...]] = {  # task -> (metric key, colu
 }
 
 
+# The one number per task the cross-task summary normalises (the mean of these metrics): R@1 both
+# directions, CIDEr, VQA accuracy.
+HEADLINE: dict[str, tuple[str, ...]] = {"retrieval": ("txt_r1", "img_r1"), "captioning": ("cider",),
+                                        "vqa": ("vqa_acc",)}
+HEADLINE_LABELS = {"retrieval": "R@1 (TR, IR mean)", "captioning": "CIDEr", "vqa": "VQA acc"}
+
+
 @dataclass
 class QualitySettings:
     """Everything the results depend on (written to settings.json; a resumed run must match it)."""

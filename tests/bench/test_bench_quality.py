@@ -28,8 +28,12 @@ def test_quality_benchmark_tiny_writes_runs_tables_and_plots(tmp_path, capsys):
         assert f"### {heading}" in table
     assert "| Method | TR@1 75% | TR@5 75% | IR@1 75% | IR@5 75% |" in table
     assert "| Method | BLEU@4 75% | CIDEr 75% |" in table
-    assert table.count("| Dense |") == 3 and table.count("| MultiFlow |") == 3
-    for task in ("retrieval", "captioning", "vqa"):
+    # one row per task table, plus MultiFlow's row in the cross-task summary (dense is its reference)
+    assert table.count("| Dense |") == 3 and table.count("| MultiFlow |") == 4
+    assert table.startswith("## Across tasks") and "### Across tasks: BLIP" in table
+    assert "| Method | score 75% | rank 75% |" in table
+    assert report["cross_task"] == [] or {e["method"] for e in report["cross_task"]} == {"multiflow"}
+    for task in ("retrieval", "captioning", "vqa", "cross_task"):
         png = out / f"quality_{task}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "6/6 blip vqa multiflow@0.75-s0" in capsys.readouterr().out
@@ -79,3 +83,43 @@ def test_a_pattern_sets_the_sparsity_and_joins_the_fingerprint_only_when_given()
     assert "pattern" not in settings_fingerprint(QualitySettings())  # older unstructured runs still resume
     with pytest.raises(ValueError, match="pattern"):
         QualitySettings(pattern="4:4")
+
+
+def _runs(model, table):
+    """Run records from {(task, method, sparsity): [value per seed]} (every metric of the task set to it)."""
+    return [{"model": model, "task": task, "method": method, "sparsity": sp, "seed": seed,
+             "metrics": {key: v for key, _ in METRICS[task]}, "realised_sparsity": {}}
+            for (task, method, sp), values in table.items() for seed, v in enumerate(values)]
+
+
+def test_cross_task_score_normalises_by_dense_per_seed_and_ranks_per_task():
+    from mflightning.bench.quality_report import cross_task, cross_task_table
+
+    s = QualitySettings(models=("blip",), methods=("dense", "omp", "multiflow"), sparsities=(0.75,), seeds=(0, 1),
+                        tasks=("retrieval", "vqa"))
+    runs = _runs("blip", {("retrieval", "dense", None): [20.0, 40.0], ("vqa", "dense", None): [50.0, 50.0],
+                          ("retrieval", "omp", 0.75): [10.0, 30.0], ("vqa", "omp", 0.75): [40.0, 40.0],
+                          ("retrieval", "multiflow", 0.75): [15.0, 20.0], ("vqa", "multiflow", 0.75): [45.0, 45.0]})
+    entries = {e["method"]: e for e in cross_task(runs, s)}
+    # seed 0: omp (10/20 + 40/50)/2 = 0.65, seed 1: (30/40 + 40/50)/2 = 0.775
+    assert entries["omp"]["score"]["mean"] == pytest.approx((0.65 + 0.775) / 2)
+    assert entries["omp"]["score"]["std"] == pytest.approx(abs(0.65 - 0.775) / 2 ** 0.5)
+    # multiflow: seed 0 (0.75 + 0.9)/2 = 0.825, seed 1 (0.5 + 0.9)/2 = 0.7
+    assert entries["multiflow"]["score"]["mean"] == pytest.approx(0.7625)
+    # ranks: retrieval omp 20 > multiflow 17.5; vqa multiflow 45 > omp 40
+    assert entries["omp"]["mean_rank"] == entries["multiflow"]["mean_rank"] == 1.5
+    table = cross_task_table(list(entries.values()), s)
+    assert "| Method | score 75% | rank 75% |" in table
+    assert "no method is ahead" in table  # 0.7625 vs 0.7125 is within the seed spread: no mark
+    assert "**" not in table
+
+
+def test_marks_need_a_gap_larger_than_the_seed_spread():
+    from mflightning.bench.quality_report import separated_marks
+
+    assert separated_marks({"a": (10.0, 0.5), "b": (8.0, 0.5), "c": (5.0, 0.1)}) == {"a": "best", "b": "second"}
+    assert separated_marks({"a": (10.0, 3.0), "b": (8.0, 0.5), "c": (5.0, 0.1)}) == {"a": "best", "b": "best",
+                                                                                      "c": "second"}
+    assert separated_marks({"a": (10.0, 3.0), "b": (8.0, 3.0)}) == {}  # within the spread: no mark at all
+    assert separated_marks({"a": (10.0, 0.0), "b": (10.0, 0.0), "c": (1.0, 0.0)}) == {"a": "best", "b": "best",
+                                                                                       "c": "second"}
