@@ -35,21 +35,20 @@ from mflightning.baselines import (  # noqa: F401  (the chance levels are import
     vqa_chance,
 )
 from mflightning.data.synthetic import WorldSizes, generate_world
-from mflightning.families import TASKS, ModelSize, calibration_loader, fit_and_test, get_family, task_datamodule
+from mflightning.families import (
+    TASKS,
+    ModelSize,
+    TaskSettings,
+    calibration_loader,
+    fit_and_test,
+    get_family,
+    task_datamodule,
+)
 from mflightning.pretrain import PretrainConfig
 from mflightning.runtime import free_cores, quiet_libraries
 
 SPARSITY = 0.75
 FAMILY = get_family("blip")  # the demo's backbone
-
-
-@dataclass
-class TaskSettings:
-    """Fine-tuning settings of one task (the same for the dense and the pruned model)."""
-
-    epochs: int
-    lr: float
-    batch_size: int = 48
 
 
 @dataclass

@@ -11,7 +11,7 @@ The shared builders: `task_datamodule` (the synthetic world's datamodule of a ta
 and `fit_and_test` (fine-tune one task module, kept sparse by a mask file, and test it).
 
 Cache keys do not change with this module: a BLIP folder is `pretrained-<cache_key>`, an XVLM one
-`xvlm-pretrained-v2-<cache_key>`, with `mflightning.pretrain.cache_key` of the world and config.
+`xvlm-pretrained-v<XVLM_CACHE_VERSION>-<cache_key>`, with `mflightning.pretrain.cache_key` of the world and config.
 """
 from __future__ import annotations
 
@@ -47,12 +47,30 @@ from mflightning.tasks import (
 )
 
 TASKS = ("retrieval", "captioning", "vqa")
-XVLM_CACHE_VERSION = 2  # 2: pretrained on whole images (1: random calibration crops)
+XVLM_CACHE_VERSION = 3  # 3: CLIP-layout ViT (2: timm ViT, whole images; 1: random calibration crops)
 # Constructor arguments of every family's captioning and VQA modules (retrieval's is the run's k_test).
 TASK_OPTIONS: dict[str, dict[str, Any]] = {
     "captioning": {"num_beams": 3, "min_length": 5, "max_length": 24},
     "vqa": {"answer_list": None, "k_test": 128},
 }
+
+
+@dataclass
+class TaskSettings:
+    """Fine-tuning budget of one task (the demo's per task, the quality benchmark's per model and task)."""
+
+    epochs: int
+    lr: float
+    batch_size: int = 48
+
+    def __post_init__(self) -> None:
+        if int(self.epochs) != self.epochs or self.epochs < 1:
+            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
+        if int(self.batch_size) != self.batch_size or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not float(self.lr) > 0.0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        self.epochs, self.batch_size, self.lr = int(self.epochs), int(self.batch_size), float(self.lr)
 
 
 @dataclass(frozen=True)
@@ -87,13 +105,13 @@ def blip_small_config(size: ModelSize) -> dict:
 
 
 def xvlm_small_config(size: ModelSize) -> dict:
-    """A small XVLM: timm ViT of `layers` blocks, `layers` text + `layers` fusion layers, as wide as the ViT."""
-    vision = dict(patch_size=size.patch_size, embed_dim=size.hidden_size, depth=size.layers, num_heads=size.heads,
-                  pre_norm=True)
+    """A small XVLM: CLIP-layout ViT of `layers` layers (the authors' XVLM_CLIP layout, separate q/k/v),
+    `layers` text + `layers` fusion layers, as wide as the ViT."""
     return dict(hidden_size=size.hidden_size, num_attention_heads=size.heads, intermediate_size=2 * size.hidden_size,
                 num_text_layers=size.layers, num_fusion_layers=size.layers, max_position_embeddings=40,
-                vision_model=None, vision_kwargs=vision, image_size=size.image_size,
-                embed_dim=max(8, size.hidden_size // 2))
+                vision_layout="clip", vision_width=size.hidden_size, vision_layers=size.layers,
+                vision_heads=size.heads, vision_intermediate_size=2 * size.hidden_size, patch_size=size.patch_size,
+                image_size=size.image_size, embed_dim=max(8, size.hidden_size // 2))
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,14 @@
-"""XVLM-style backbone: timm ViT image encoder, 6-layer BERT text encoder, 6-layer fusion encoder.
+"""XVLM backbone (XVLM_CLIP, the variant MultiFlow prunes): CLIP ViT image encoder, 6-layer BERT
+text encoder, 6-layer fusion encoder.
 
 Layout (parameter name prefixes; layer indices are global, as in XVLM's 12-layer BERT):
-- ``vision_encoder.``  a timm VisionTransformer (CLIP ViT-B/16 shape for real use); its qkv, proj
-  and MLP layers are nn.Linear, its patch embedding a Conv2d.
+- ``vision_encoder.``  by default (``vision_layout="clip"``) XVLM_CLIP's CLIP ViT-B/16 in the
+  authors' names: ``class_embedding``, ``patch_embed`` (Conv2d, no bias), ``pos_embed`` (an
+  embedding table), ``pre_layrnorm``, ``encoder.layers.N.self_attn.{q_proj,k_proj,v_proj,out_proj}``,
+  ``layer_norm1``, ``mlp.fc1``, ``mlp.fc2``, ``layer_norm2``, ``post_layernorm`` (over all tokens).
+  q, k, v and out are separate nn.Linear layers, so MultiFlow's per-layer ratios and saliencies
+  are per projection, as in the reference. ``vision_layout="timm"`` builds a timm ViT instead
+  (fused qkv: its masks differ from the reference's).
 - ``text_encoder.embeddings``, ``text_encoder.encoder.layer.0-5``  bidirectional BERT layers.
 - ``fusion_encoder.layer.6-11``  BERT layers with cross-attention to the image tokens; their
   self-attention is bidirectional (masks are built here and passed explicitly, never causal).
@@ -14,6 +20,16 @@ Layout (parameter name prefixes; layer indices are global, as in XVLM's 12-layer
   cross-attention reads the question's fusion states. The ``xvlm`` preset makes each decoder layer
   inherit the mask of the fusion layer it was copied from (its self-attention included, since it is
   initialised from the fusion's), so masks computed on the pretrained backbone cover the decoder.
+
+Pruning preset ``"xvlm"`` (the reference partition): vision = every nn.Linear of the image encoder
+(q/k/v/out projections, fc1, fc2; the patch convolution, positions and norms are not Linear layers
+and stay dense, as with the timm layout); text = ``text_encoder.encoder.layer.0-5``; fusion =
+``fusion_encoder.layer.6-11`` (whole layers: self-attention, cross-attention, FFN) and the VQA
+decoder copied from them; dense: ``vision_proj``, ``text_proj``, ``itm_head``, ``bbox_head``,
+``text_encoder.cls`` and the embeddings.
+
+``XVLMBackbone.from_pretrained`` reads ``save_pretrained`` directories, state-dict files in these
+names and the authors' XVLM_CLIP checkpoints (``xvlm_checkpoints.py`` has the name mapping).
 
 ``XVLMBackbone`` implements ``VisionLanguageBackbone`` (``mflightning.models.interface``): every
 text starts with [CLS] (no [ENC]/[DEC]), ITM runs the fusion encoder on the text encoder's states,
@@ -64,7 +80,7 @@ register_preset(
     unfiltered=XVLM_UNFILTERED,
     inherit=XVLM_INHERIT,
     image_groups=("vision",),
-    description="XVLM: vision = ViT; text = text encoder layers 0-5; fusion = layers 6-11 (cross-attention) and "
+    description="XVLM: vision = ViT (CLIP layout: q/k/v/out, fc1, fc2 each a layer); text = text encoder layers 0-5; fusion = layers 6-11 (cross-attention) and "
     "the VQA decoder copied from them (inherits their masks); heads dense",
 )
 
@@ -80,7 +96,7 @@ UNUSED_PARTS = {
 
 
 class XVLMBackbone(nn.Module):
-    """XVLM: ViT + BERT text encoder (layers 0-5) + fusion encoder (layers 6-11) + ITC/ITM/MLM/box heads.
+    """XVLM: CLIP ViT + BERT text encoder (layers 0-5) + fusion encoder (layers 6-11) + ITC/ITM/MLM/box heads.
 
     Implements ``VisionLanguageBackbone``; texts keep their [CLS] first token everywhere.
     """
@@ -94,7 +110,7 @@ class XVLMBackbone(nn.Module):
         config = as_xvlm_config(config)
         self.config = config
         self.vision_encoder = build_vision_encoder(config)
-        vision_width = int(self.vision_encoder.embed_dim)
+        vision_width = int(self.vision_encoder.embed_dim)  # both layouts name their width embed_dim
         bert = bert_config(config)
         first_fusion = config.num_text_layers
         self.text_encoder = TextEncoder(bert, config.num_text_layers)
@@ -119,14 +135,23 @@ class XVLMBackbone(nn.Module):
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_spec(cls, spec: Any, tokenizer: Any, decoder_from: str | None = None) -> "XVLMBackbone":
-        """Backbone from a ``save_pretrained`` dir / state-dict file, a config dict (vocabulary and pad id
-        default to the tokenizer's) or an ``XVLMBackbone``; checked against the tokenizer."""
+        """Backbone from a ``save_pretrained`` dir / state-dict file (ours or the authors'), a config dict
+        (vocabulary and pad id default to the tokenizer's), a dict ``{"checkpoint": path, "image_size": ...,
+        "config": ..., "strict": ...}`` (``from_pretrained``'s arguments, e.g. the authors' 224 px file at
+        384 px) or an ``XVLMBackbone``; checked against the tokenizer."""
         if decoder_from is not None:
             raise ValueError("decoder_from is a BLIP option: an XVLM decoder is copied from the fusion layers")
         if isinstance(spec, cls):
             backbone = spec
         elif isinstance(spec, (str, os.PathLike)):
             backbone = cls.from_pretrained(spec)
+        elif isinstance(spec, Mapping) and "checkpoint" in spec:
+            options = dict(spec)
+            unknown = sorted(set(options) - {"checkpoint", "image_size", "config", "strict"})
+            if unknown:
+                raise ValueError(f"unknown keys {unknown} in an XVLM checkpoint spec; known: checkpoint, image_size, "
+                                 "config, strict")
+            backbone = cls.from_pretrained(options.pop("checkpoint"), **options)
         elif isinstance(spec, Mapping):
             config = dict(spec)
             config.setdefault("vocab_size", len(tokenizer))
@@ -140,9 +165,16 @@ class XVLMBackbone(nn.Module):
         return backbone
 
     def check_tokenizer(self, tokenizer: Any) -> None:
-        """Raise if the tokenizer's vocabulary or [PAD] id do not fit this backbone."""
+        """Raise if the tokenizer's vocabulary or [PAD] id do not fit this backbone.
+
+        The vocabulary may lack exactly the tokenizer's [DEC] and [ENC], when they are its last two
+        ids (``build_tokenizer`` appends them to bert-base-uncased's 30522 words; the authors'
+        checkpoints have 30522 and XVLM never feeds either token).
+        """
         vocab, pad = self.config.vocab_size, self.config.pad_token_id
-        if len(tokenizer) > vocab:
+        added = {getattr(tokenizer, "enc_token_id", None), getattr(tokenizer, "dec_token_id", None)}
+        beyond = set(range(vocab, len(tokenizer)))
+        if beyond and beyond != added:
             raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the backbone's vocabulary is {vocab}")
         if tokenizer.pad_token_id != pad:
             raise ValueError(f"tokenizer [PAD] id {tokenizer.pad_token_id} differs from the backbone's pad_token_id {pad}")
@@ -276,6 +308,8 @@ class XVLMBackbone(nn.Module):
         image_embeds = self.encode_image(image)
         itc, itm = itc_itm_losses(self, image_embeds, ids, att, image_idx)
         masked, labels = mask_tokens(ids, att, tokenizer)
+        # mask_tokens draws random words from the whole tokenizer; [DEC]/[ENC] past the vocabulary -> [MASK]
+        masked = masked.masked_fill(masked >= self.config.vocab_size, tokenizer.mask_token_id)
         mlm = mlm_loss(self.mlm_logits(self.encode_grounded(masked, att, image_embeds)), labels)
         losses = {"itc": itc, "itm": itm, "mlm": mlm}
         if self.text_decoder is not None:  # the decoder reads the caption as calibration_step runs it
@@ -294,15 +328,25 @@ class XVLMBackbone(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, config: XVLMConfig | Mapping[str, Any] | None = None,
-                        strict: bool = True) -> "XVLMBackbone":
+                        strict: bool = True, image_size: int | None = None) -> "XVLMBackbone":
         """Build and load a backbone from a ``save_pretrained`` directory or a state-dict file.
 
         A file (``.safetensors``, or a torch file holding the state dict, possibly under ``model`` /
-        ``state_dict``) takes its config from ``config`` or a ``config.json`` beside it. The vision
-        encoder is built without pretrained weights (the file holds them). A decoder is added when
-        the file has ``text_decoder.*`` weights.
+        ``state_dict``) in this backbone's names takes its config from ``config`` or a ``config.json``
+        beside it. The XVLM_CLIP authors' checkpoint (``torch.load(f)["model"]``, pretraining or
+        fine-tuning; recognised by its layers all under ``text_encoder``) is mapped onto these names
+        and its config inferred from the tensor shapes (attention heads: 12 at width 768, 16 at
+        1024; other widths need ``config=``); a ``config`` dict overrides inferred fields, an
+        ``XVLMConfig`` replaces them. Its momentum copies and queues are skipped with one info line;
+        any other tensor the model lacks, or one it has that the file lacks (``strict``), or one of
+        the wrong shape is an error naming the tensor and the file.
+
+        ``image_size``: build the model for that resolution, the position table resized at load
+        (CLS kept, bicubic, ``align_corners=False``). Without it the model keeps the file's size
+        and other sizes interpolate at run time. The vision encoder is built without pretrained
+        weights (the file holds them). A decoder is added when the file has ``text_decoder.*``.
         """
-        return load_backbone(cls, path, config, strict)
+        return load_backbone(cls, path, config, strict, image_size)
 
     def load_state_dict_file(self, path: str | os.PathLike | Mapping[str, torch.Tensor], strict: bool = True,
                              source: str | None = None) -> dict[str, list[str]]:

@@ -46,7 +46,11 @@ def test_three_groups_heads_dense_and_cross_attention_unfiltered():
             ".key." in name or ".value." in name)
         assert target.filter_tokens == (group != "vision" and not image_input), name
     counts = {g: sum(t.group == g for t in targets.values()) for g in ("vision", "text", "fusion")}
-    assert counts == {"vision": 4, "text": 2 * 6, "fusion": 2 * 10 + 2 * 10}
+    assert counts == {"vision": 6, "text": 2 * 6, "fusion": 2 * 10 + 2 * 10}  # vision: q, k, v, out, fc1, fc2
+    vision = sorted(n for n in targets if n.startswith("vision_encoder."))
+    assert vision == sorted(f"vision_encoder.encoder.layers.0.{p}.weight" for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"))
+    assert not any("patch_embed" in n or "pos_embed" in n for n in targets)  # the patch conv stays dense
     assert get_preset("xvlm").inherit
 
 
@@ -88,7 +92,7 @@ def test_forward_shapes_other_resolution_timm_name_and_bf16():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(model(**batch())["fusion_states"].float()).all()
     # A timm model name (built offline, no weights) with a different ViT width: cross-attention reads it.
-    named = XVLMBackbone(tiny_config(VOCAB, vision_model="vit_base_patch16_clip_224",
+    named = XVLMBackbone(tiny_config(VOCAB, vision_layout="timm", vision_model="vit_base_patch16_clip_224",
                                      vision_kwargs=dict(embed_dim=48, depth=1, num_heads=2)))
     assert type(named.vision_encoder).__name__ == "VisionTransformer"
     assert named.fusion_encoder.layer["1"].crossattention.self.key.weight.shape == (32, 48)
@@ -105,14 +109,15 @@ def test_vision_weights_from_a_local_timm_file_at_another_resolution(tmp_path):
     vit = dict(embed_dim=32, depth=1, num_heads=2)
     source = timm.create_model("vit_base_patch16_clip_224", pretrained=False, num_classes=0, img_size=32, **vit)
     torch.save(source.state_dict(), tmp_path / "clip_vit.pth")
-    model = XVLMBackbone(tiny_config(VOCAB, image_size=48, vision_model="vit_base_patch16_clip_224", vision_kwargs=vit,
+    model = XVLMBackbone(tiny_config(VOCAB, image_size=48, vision_layout="timm", vision_model="vit_base_patch16_clip_224",
+                                     vision_kwargs=vit,
                                      vision_checkpoint=str(tmp_path / "clip_vit.pth")))
     assert torch.equal(model.vision_encoder.blocks[0].mlp.fc1.weight, source.blocks[0].mlp.fc1.weight)
     assert model.vision_encoder.pos_embed.shape == (1, 1 + 9, 32)  # resampled from 32 px to 48 px
     model.save_pretrained(tmp_path / "saved")  # the saved config no longer points at the timm file
     assert XVLMBackbone.from_pretrained(tmp_path / "saved").config.vision_checkpoint is None
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
-        XVLMBackbone(tiny_config(VOCAB, vision_model="vit_base_patch16_clip_224", vision_kwargs=vit,
+        XVLMBackbone(tiny_config(VOCAB, vision_layout="timm", vision_model="vit_base_patch16_clip_224", vision_kwargs=vit,
                                  vision_checkpoint=str(tmp_path / "nowhere.pth")))
 
 

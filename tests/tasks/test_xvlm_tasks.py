@@ -32,8 +32,9 @@ def test_optimizer_groups_and_linear_warmup_schedule(tokenizer):
     named = dict(module.named_parameters())
     assert id(named["backbone.temp"]) in no_decay_ids
     assert id(named["backbone.fusion_encoder.layer.1.output.LayerNorm.weight"]) in no_decay_ids
-    assert id(named["backbone.vision_encoder.blocks.0.attn.qkv.bias"]) in no_decay_ids
-    assert id(named["backbone.vision_encoder.blocks.0.attn.qkv.weight"]) not in no_decay_ids
+    assert id(named["backbone.vision_encoder.encoder.layers.0.self_attn.q_proj.bias"]) in no_decay_ids
+    assert id(named["backbone.vision_encoder.encoder.layers.0.layer_norm1.weight"]) in no_decay_ids
+    assert id(named["backbone.vision_encoder.encoder.layers.0.self_attn.q_proj.weight"]) not in no_decay_ids
     trainable = {n for n, p in named.items() if p.requires_grad}
     assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)
     assert set(named) - trainable == {n for n in named if n.startswith(("backbone.bbox_head.",
