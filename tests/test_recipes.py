@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mflightning.cli import PruningSettings, check_recipe, recipe_kind
@@ -93,3 +94,119 @@ def test_downstream_recipes_use_the_authors_settings(relative):
         assert model["k_test"] == 128
         assert len(datamodule["train_json"]) == 3  # VQA v2 train + val + VG QA
     assert data["pruning"]["masks"].endswith("prune/multiflow/scores.safetensors")
+
+
+# ---------------------------------------------------------------- zero-shot CLIP / SigLIP recipes, run for real
+ZERO_SHOT = ("clip", "siglip")
+
+
+def _zero_shot_helpers():
+    """The tiny tokenizer / model builders of tests/tasks/test_zero_shot.py (loaded by path: no package there)."""
+    import importlib.util
+
+    path = Path(__file__).parent / "tasks" / "test_zero_shot.py"
+    spec = importlib.util.spec_from_file_location("_zero_shot_helpers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_zero_shot(tmp_path_factory):
+    """A tiny world, and per family a saved random model and processor (local dirs: nothing downloads)."""
+    from transformers import CLIPImageProcessor, CLIPProcessor, SiglipImageProcessor, SiglipProcessor
+
+    from mflightning.data import generate_world
+
+    helpers = _zero_shot_helpers()
+    root = tmp_path_factory.mktemp("zero_shot")
+    world = generate_world(root / "world", seed=0, sizes=helpers.SIZES, image_size=32)
+    with open(world.vocab) as f:
+        tokenizer = helpers.clip_tokenizer(str(root / "vocab"), f.read().split())
+    processors = {
+        "clip": CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                                 crop_size={"height": 16, "width": 16}),
+                              tokenizer=tokenizer),
+        "siglip": SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": 16, "width": 16}),
+                                  tokenizer=tokenizer),
+    }
+    dirs = {}
+    for kind in ZERO_SHOT:
+        helpers.tiny_model(kind, tokenizer).save_pretrained(root / kind / "model")
+        processors[kind].save_pretrained(root / kind / "processor")
+        dirs[kind] = root / kind
+    return world, dirs, helpers.MAX_LENGTH
+
+
+def _tiny_overrides(kind, tiny_zero_shot, out):
+    world, dirs, max_length = tiny_zero_shot
+    return [
+        "--model.model", str(dirs[kind] / "model"), "--data.processor", str(dirs[kind] / "processor"),
+        "--data.image_root", world.image_root, "--data.num_workers", "0", "--data.max_length", str(max_length),
+        "--data.calibration.json", world.calibration, "--data.calibration.image_root", world.image_root,
+        "--data.calibration.batch_size", "4", "--data.calibration.max_length", str(max_length),
+        "--pruning.num_batches", "4",
+    ]
+
+
+def test_the_zero_shot_recipes_exist():
+    names = {str(p.relative_to(RECIPES)) for p in ALL}
+    for kind in ZERO_SHOT:
+        assert {f"{kind}/zero_shot_coco.yaml", f"{kind}/prune/multiflow.yaml"} <= names
+        data = load(f"{kind}/zero_shot_coco.yaml")
+        assert data["model"]["class_path"] == "mflightning.tasks.ZeroShotRetrievalModule"
+        assert data["data"]["class_path"] == "mflightning.data.ProcessorDataModule"
+        assert data["model"]["init_args"]["model"] == data["data"]["init_args"]["processor"]
+        assert data["pruning"]["method"] == "multiflow" and data["pruning"]["sparsity"] == 0.5
+    assert load("siglip/zero_shot_coco.yaml")["model"]["init_args"]["use_attention_mask"] is False
+
+
+@pytest.mark.parametrize("kind", ZERO_SHOT)
+def test_zero_shot_recipe_prunes_at_test_start_and_scores(kind, tiny_zero_shot, tmp_path):
+    """`mflightning test` on the recipe, with only the model, processor, data and trainer made tiny/CPU."""
+    from mflightning.cli import cli_main
+
+    world = tiny_zero_shot[0]
+    cli = cli_main([
+        "test", "--config", str(RECIPES / kind / "zero_shot_coco.yaml"),
+        *_tiny_overrides(kind, tiny_zero_shot, tmp_path),
+        "--data.test_json", world.retrieval_test, "--data.val_json", world.retrieval_val,
+        "--data.eval_batch_size", "5", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+        "--trainer.strategy", "auto", "--trainer.precision", "32-true", "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false", "--pruning.save_masks", str(tmp_path / "masks.safetensors"),
+    ])
+    metrics = cli.model.eval_results["test"]
+    assert {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"} <= set(metrics)
+    assert metrics["num_images"] == 12
+    callback = cli.pruning_callback
+    assert callback.measured_sparsity()["total"] == pytest.approx(0.5, abs=0.01)
+    assert (tmp_path / "masks.safetensors").is_file()
+    params = dict(cli.model.named_parameters())
+    projections = [n for n in params if "projection" in n or "model.head." in n]  # heads into the joint space
+    assert projections and not any(n in callback.kept_masks for n in projections)
+
+
+@pytest.mark.parametrize("kind", ZERO_SHOT)
+def test_zero_shot_prune_recipe_writes_masks_the_test_recipe_applies(kind, tiny_zero_shot, tmp_path):
+    from mflightning.cli import cli_main
+    from mflightning.pruning import PruningResult
+
+    world = tiny_zero_shot[0]
+    outputs = cli_main(["prune", "--config", str(RECIPES / kind / "prune" / "multiflow.yaml"),
+                        *_tiny_overrides(kind, tiny_zero_shot, tmp_path), "--output_dir", str(tmp_path / "prune"),
+                        "--device", "cpu", "--precision", "32-true", "--progress", "false"])
+    saved = PruningResult.load(outputs.scores)
+    assert saved.sparsity == pytest.approx(0.5, abs=0.01) and set(saved.group_sparsity()) == {"vision", "text"}
+    cli = cli_main([
+        "test", "--config", str(RECIPES / kind / "zero_shot_coco.yaml"),
+        *_tiny_overrides(kind, tiny_zero_shot, tmp_path),
+        "--data.test_json", world.retrieval_test, "--data.val_json", world.retrieval_val,
+        "--pruning.masks", str(outputs.scores),
+        "--pruning.save_masks", "null", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+        "--trainer.strategy", "auto", "--trainer.precision", "32-true", "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false",
+    ])
+    kept = cli.pruning_callback.kept_masks
+    assert set(kept) == set(saved.masks)
+    assert all(torch.equal(kept[name], saved.masks[name].bool()) for name in kept)
+    assert "r_mean" in cli.model.eval_results["test"]

@@ -9,6 +9,7 @@ from .datamodules import (
     VQADataModule,
 )
 from .datasets import ImageCaptionsDataset, ImageTextDataset, VQADataset
+from .processor import ProcessorDataModule, load_processor, processor_calibration_loader
 from .records import DataRecordError, clean_text, load_records
 from .synthetic import SyntheticWorld, WorldSizes, generate_world
 from .tokenizer import build_tokenizer, write_vocab
@@ -23,6 +24,7 @@ __all__ = [
     "DataRecordError",
     "ImageCaptionsDataset",
     "ImageTextDataset",
+    "ProcessorDataModule",
     "RetrievalDataModule",
     "SyntheticWorld",
     "VLDataModule",
@@ -34,6 +36,8 @@ __all__ = [
     "build_train_transform",
     "clean_text",
     "generate_world",
+    "load_processor",
     "load_records",
+    "processor_calibration_loader",
     "write_vocab",
 ]

@@ -5,6 +5,7 @@ from mflightning.tasks.captioning import CaptioningModule
 from mflightning.tasks.retrieval import RetrievalModule
 from mflightning.tasks.vqa import VQAModule
 from mflightning.tasks.xvlm_tasks import XVLMCaptioningModule, XVLMRetrievalModule, XVLMTaskModule, XVLMVQAModule
+from mflightning.tasks.zero_shot import ZeroShotRetrievalModule
 
 __all__ = [
     "BlipTaskModule",
@@ -16,4 +17,5 @@ __all__ = [
     "XVLMRetrievalModule",
     "XVLMTaskModule",
     "XVLMVQAModule",
+    "ZeroShotRetrievalModule",
 ]

@@ -20,14 +20,16 @@ class RetrievalSet:
 
     ``owner[p]``: the process whose ITM scores image position p (the first to report it);
     ``txt2img[t]``: image position of text position t; ``img2txt[p]``: its text positions.
+    ``tokens``/``masks`` (the texts' ids, for ITM re-ranking) are None when the outputs carried no
+    ``text_input_ids`` / ``text_attention_mask`` (a dual encoder's evaluation needs only features).
     """
 
     image_ids: list[int]
     owner: list[int]
     image_feats: torch.Tensor
     text_feats: torch.Tensor
-    tokens: torch.Tensor
-    masks: torch.Tensor
+    tokens: torch.Tensor | None
+    masks: torch.Tensor | None
     txt2img: list[int]
     img2txt: list[list[int]]
 
@@ -38,7 +40,8 @@ class RetrievalSet:
 
 def merge_outputs(per_rank: Iterable[Iterable[Mapping[str, torch.Tensor]]], stage: str) -> RetrievalSet:
     """One ``RetrievalSet`` from every process's eval batches (``SHARED_KEYS``), in rank order; an image
-    or text seen twice (a padding sampler) counts once. Raises naming what is missing."""
+    or text seen twice (a padding sampler) counts once. Raises naming what is missing.
+    ``text_input_ids`` and ``text_attention_mask`` may be left out (then ``tokens``/``masks`` are None)."""
     images: dict[int, tuple[int, torch.Tensor]] = {}  # image idx -> (owning rank, ITC feature)
     texts: dict[int, tuple[Any, ...]] = {}  # text idx -> (feature, ids, mask, image idx)
     for r, batches in enumerate(per_rank):
@@ -46,8 +49,9 @@ def merge_outputs(per_rank: Iterable[Iterable[Mapping[str, torch.Tensor]]], stag
             for j, idx in enumerate(b["image_idx"].tolist()):
                 images.setdefault(idx, (r, b["image_feat"][j]))
             for j, idx in enumerate(b["text_idx"].tolist()):
-                texts.setdefault(idx, (b["text_feat"][j], b["text_input_ids"][j], b["text_attention_mask"][j],
-                                       int(b["text_image_idx"][j])))
+                ids, att = b.get("text_input_ids"), b.get("text_attention_mask")
+                texts.setdefault(idx, (b["text_feat"][j], None if ids is None else ids[j],
+                                       None if att is None else att[j], int(b["text_image_idx"][j])))
     if not images or not texts:
         raise RuntimeError(f"retrieval {stage}: no images or texts were evaluated")
     image_ids, text_ids = sorted(images), sorted(texts)
@@ -64,9 +68,18 @@ def merge_outputs(per_rank: Iterable[Iterable[Mapping[str, torch.Tensor]]], stag
         image_ids=image_ids, owner=[images[i][0] for i in image_ids],
         image_feats=torch.stack([images[i][1] for i in image_ids]).float(),
         text_feats=torch.stack([texts[t][0] for t in text_ids]).float(),
-        tokens=torch.stack([texts[t][1] for t in text_ids]), masks=torch.stack([texts[t][2] for t in text_ids]),
+        tokens=_stack_optional([texts[t][1] for t in text_ids]), masks=_stack_optional([texts[t][2] for t in text_ids]),
         txt2img=txt2img, img2txt=img2txt,
     )
+
+
+def _stack_optional(rows: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The rows stacked, or None when no batch carried them (all None)."""
+    if all(r is None for r in rows):
+        return None
+    if any(r is None for r in rows):
+        raise ValueError("retrieval: some eval batches carry text_input_ids/text_attention_mask and others do not")
+    return torch.stack(rows)
 
 
 def rerank_pairs(sims: torch.Tensor, k: int) -> torch.Tensor:
