@@ -14,6 +14,7 @@ from . import scores as S
 from .allocation import compute_masks, pattern_masks
 from .config import PruningConfig
 from .methods import Method
+from .presets import calibration_adapter, recognise_preset
 from .result import SHOWN, PruningResult, apply_masks
 from .batches import (
     Batch,
@@ -79,6 +80,12 @@ def prune(
     `reduce` (in-place sum over processes) split calibration across processes; every process
     returns the same masks. Call `result.apply(model)` to zero weights.
 
+    `modalities=None` takes the model's preset: its `pruning_preset` attribute, else a registered
+    recogniser's answer (transformers' CLIPModel, SiglipModel, BLIP-2, LLaVA, bare or inside a
+    wrapper: `mflightning.models.hf_families`). A preset's calibration adapter then supplies the
+    forward and token mask that run the family on processor batches, unless `forward=` /
+    `token_mask=` are given.
+
     Works under `torch.inference_mode()` too (the returned tensors are ordinary ones). A layer left
     more than 99% pruned while the target is lower gets a warning (a freshly initialised head or a
     pooler usually belongs in `exclude`).
@@ -87,16 +94,22 @@ def prune(
     if config.sparsity is None:
         raise ValueError("prune() needs a sparsity in [0, 1) (config.sparsity is None)")
     sparsity, method, spec, allocation = config.sparsity, config.method, config.spec, config.effective_allocation
+    # modalities=None: the model's preset (`pruning_preset`, or recognised: transformers' classes)
+    preset = config.modalities if isinstance(config.modalities, str) else None
+    if config.modalities is None:
+        preset = recognise_preset(model)
+    # the preset's calibration adapter (a transformers family's forward on processor batches); the user's win
+    adapter = calibration_adapter(model, preset) if calibration is not None else None
+    if adapter is not None:
+        forward = forward or adapter.forward
+        token_mask = token_mask or adapter.token_mask
     group_spec = resolve_modalities(
-        model, config.modalities, config.exclude,
+        model, preset if config.modalities is None else config.modalities, config.exclude,
         image_groups=config.image_groups, prune_tied_embeddings=config.prune_tied_embeddings,
     )
     targets = find_targets(model, group_spec)
     groups = {name: t.group for name, t in targets.items()}
     # the preset travels with the masks so a task module can apply its `inherit` rules later
-    preset = config.modalities if isinstance(config.modalities, str) else None
-    if config.modalities is None:
-        preset = getattr(model, "pruning_preset", None)
     if spec.data_driven and calibration is None:
         raise ValueError(f"method {method!r} is data-driven and needs calibration batches (calibration=None)")
     if spec.needs == "gradients" and loss is None:

@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Mapping
 from torch import nn
 
 from .attention import attention_weights
-from .presets import DEFAULT_UNFILTERED, GroupMap, get_preset
+from .presets import DEFAULT_UNFILTERED, GroupMap, get_preset, recognise_preset
 
 SINGLE_GROUP = "all"
 
@@ -61,6 +61,10 @@ def resolve_modalities(
 ) -> GroupSpec:
     """Turn None / preset name / regex map / callable into one group-assignment function.
 
+    None means the model's preset: its `pruning_preset` attribute, else what a registered recogniser
+    says (`presets.recognise_preset`: transformers' CLIP, SigLIP, BLIP-2, LLaVA, bare or inside a
+    wrapper), else one group. A preset's `exclude_for(model)` adds this model's unused layers to `exclude`.
+
     `image_groups` names the groups whose layers read image tokens (never PAD-filtered). None
     takes the preset's declaration; with a regex map, a callable or a single group, None means
     no group is an image group. `prune_tied_embeddings` makes an nn.Linear weight that is also an
@@ -72,7 +76,7 @@ def resolve_modalities(
     declared = _as_names(image_groups)
     options = dict(prune_tied_embeddings=bool(prune_tied_embeddings))
     if modalities is None:
-        preset_name = getattr(model, "pruning_preset", None)
+        preset_name = recognise_preset(model)  # `pruning_preset`, else a registered recogniser (transformers' classes)
         if preset_name is None:
             return GroupSpec(
                 lambda name: SINGLE_GROUP, exclude, DEFAULT_UNFILTERED, "one group",
@@ -81,9 +85,13 @@ def resolve_modalities(
         modalities = preset_name
     if isinstance(modalities, str):
         preset = get_preset(modalities)
+        # layers this model instance never uses in its forward (e.g. LLaVA's vision layers after the one it reads)
+        model_exclude = tuple(preset.exclude_for(model)) if preset.exclude_for is not None else ()
+        for pattern in model_exclude:
+            _compile(pattern, f"preset {preset.name!r} exclude_for")
         return GroupSpec(
             _regex_assigner(preset.groups, f"preset {preset.name!r}"),
-            preset.exclude + exclude,
+            preset.exclude + model_exclude + exclude,
             preset.unfiltered,
             f"preset {preset.name!r}",
             preset.image_groups if declared is None else declared,
