@@ -51,14 +51,12 @@ attends every position: nothing is filtered), checked to have ``input_ids``' sha
 forward (`calibration_step`, `forward=`, else `pl_module(**batch)`), so a LightningModule without a
 `forward(**processor_batch)` passes `forward=calibration_forward`.
 
-Known limitation: OPT (BLIP-2's usual LM) reshapes the tokens to (B*L, D) before ``fc1``/``fc2``; the
-engine drops padding only from inputs shaped (B, L, ...), so those two layers' statistics include the
-padded positions. The adapter warns; unpadded batches give exact statistics.
+OPT (BLIP-2's usual LM) flattens the tokens to (B*L, D) before ``fc1``/``fc2``; the engine drops
+padding from such batch-major flattened inputs too, so their statistics are exact.
 """
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -97,14 +95,6 @@ def _check_blip2(module: nn.Module, batch: Mapping[str, Any]) -> None:
             f"{type(module).__name__}: config.image_token_index is None, so the query outputs cannot be placed in "
             f"the language model's input; set it to the processor's image token id (input_ids must hold {count} "
             "such tokens per sample, as Blip2Processor writes them)"
-        )
-    language_model = getattr(module, "language_model", None)
-    if type(language_model).__name__.startswith("OPT"):
-        warnings.warn(
-            "BLIP-2 with OPT: OPT's decoder layers flatten the tokens to (B*L, D) before fc1/fc2, and the engine drops "
-            "padding only from inputs shaped (B, L, ...), so the statistics of language_model.*.fc1/fc2 include the "
-            "padded positions (the attention projections' do not); calibrate on unpadded batches for exact ones",
-            stacklevel=2,
         )
     found = (batch["input_ids"] == token).sum(dim=1)
     if not bool((found == count).all()):

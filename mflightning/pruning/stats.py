@@ -83,8 +83,9 @@ class _SquaredInputs:
 
     def __init__(self) -> None:
         self.mask: Tensor | None = None  # the batch's (B, L) token mask, bool
-        # one entry per way of reducing: unfiltered, filtered (B, L, ...), filtered (L, B, ...)
-        self._last: list[tuple[Tensor, int, Tensor] | None] = [None, None, None]
+        # one entry per way of reducing: unfiltered, filtered (B, L, ...), filtered (L, B, ...), filtered
+        # (B*L, D): tokens flattened batch-major before the layer (OPT's fc1/fc2)
+        self._last: list[tuple[Tensor, int, Tensor] | None] = [None, None, None, None]
 
     def __call__(self, x: Tensor, filter_tokens: bool, seq_first: bool = False) -> Tensor:
         """Sum over tokens of x**2 per feature; `seq_first`: x is (L, B, ...) rather than (B, L, ...)."""
@@ -95,6 +96,8 @@ class _SquaredInputs:
                 slot = 2 if (x.shape[1], x.shape[0]) == mask.shape else 0
             else:
                 slot = 1 if x.shape[:2] == mask.shape else 0
+        elif filter_tokens and mask is not None and x.dim() == 2 and mask.dim() == 2 and mask.size(1) > 1:
+            slot = 3 if x.shape[0] == mask.numel() else 0
         try:
             version = x._version
         except RuntimeError:  # an inference tensor has no version counter: never shared
@@ -111,6 +114,8 @@ class _SquaredInputs:
             features = x[self.mask]
         elif slot == 2:
             features = x.transpose(0, 1)[self.mask]
+        elif slot == 3:
+            features = x[self.mask.reshape(-1)]
         else:
             features = x
         features = features.reshape(-1, x.shape[-1]).float()  # squared in fp32 whatever the compute dtype
@@ -119,7 +124,7 @@ class _SquaredInputs:
     def clear(self) -> None:
         """Forget the batch: its mask and the inputs kept for sharing (their memory is released)."""
         self.mask = None
-        self._last = [None, None, None]
+        self._last = [None, None, None, None]
 
 
 @contextlib.contextmanager
@@ -158,7 +163,7 @@ def collect_input_norms(
     The model runs in eval mode without gradients (every submodule's mode is restored after);
     inputs are squared in fp32 and summed in fp64 whatever the compute dtype. Padding tokens
     (token mask 0) are left out for layers with `filter_tokens` whose input starts with the mask's
-    (B, L) dims (for sequence-first inputs, (L, B)). nn.MultiheadAttention weights are observed
+    (B, L) dims (for sequence-first inputs, (L, B); for tokens flattened batch-major, B*L rows). nn.MultiheadAttention weights are observed
     through `attention.AttentionObserver`; torch's fused attention fast paths are off meanwhile.
     Works under `torch.inference_mode()` and on inference tensors; the sums are normal tensors.
     A user function that raises is re-raised as CalibrationError naming the batch.

@@ -49,3 +49,31 @@ def test_cross_attention_key_value_read_image_tokens_unfiltered_while_the_query_
     assert torch.allclose(stats.sums["crossattention.self.query.weight"], text[real].square().sum(0).double())
     for name in ("key", "value"):  # every image token counts, though (B, L) matches the text mask
         assert torch.allclose(stats.sums[f"crossattention.self.{name}.weight"], image.square().sum((0, 1)).double())
+
+
+def test_batch_major_flattened_tokens_drop_padding_too():
+    """A layer fed (B*L, D) (tokens flattened batch-major, as OPT's fc1/fc2) leaves the padded rows out."""
+    import torch
+    from torch import nn
+
+    from mflightning.pruning.stats import collect_input_norms
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x, attention_mask):
+            return self.fc(x.reshape(-1, x.shape[-1]))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    model = Flat()
+    from mflightning.pruning.targets import find_targets, resolve_modalities
+
+    targets = find_targets(model, resolve_modalities(model, {"text": r"fc\."}, ()))
+    got = collect_input_norms(model, targets, [{"x": x, "attention_mask": mask}], forward=lambda m, b: m(**b),
+                              token_mask=lambda b: b["attention_mask"])
+    expected = x[mask.bool()].square().sum(0)
+    assert torch.allclose(got.sums["fc.weight"].float(), expected)
