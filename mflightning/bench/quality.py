@@ -44,9 +44,12 @@ from .quality_settings import (  # noqa: F401  (importable from here as before)
     TASK_TITLES,
     TASKS,
     MethodSpec,
+    BUDGET_FIELDS,
     QualitySettings,
+    default_budgets,
     grid,
     run_key,
+    set_budget,
     settings_fingerprint,
 )
 
@@ -62,10 +65,12 @@ def finetune(family: BackboneFamily, task: str, backbone, vocab: str, world, s: 
     import lightning as L
 
     L.seed_everything(seed, workers=True, verbose=False)
-    module = family.task_module(task, backbone, vocab, lr=s.lr, k_test=s.k_test, **TASK_MODULE_OPTIONS.get(task, {}))
+    budget = s.budget(family.name, task)
+    module = family.task_module(task, backbone, vocab, lr=budget.lr, k_test=s.k_test,
+                                **TASK_MODULE_OPTIONS.get(task, {}))
     module.output_dir = str(work_dir)
-    data = task_datamodule(task, world, image_size=s.image_size, batch_size=s.batch_size, seed=seed)
-    metrics, sparsity = fit_and_test(module, data, masks=masks, epochs=s.task_epochs(task), root_dir=work_dir)
+    data = task_datamodule(task, world, image_size=s.image_size, batch_size=budget.batch_size, seed=seed)
+    metrics, sparsity = fit_and_test(module, data, masks=masks, epochs=budget.epochs, root_dir=work_dir)
     return {"metrics": {k: float(v) for k, v in metrics.items()}, "realised_sparsity": sparsity}
 
 
@@ -187,6 +192,52 @@ def _sizes(text: str) -> WorldSizes:
     return replace(QualitySettings().sizes, **values)
 
 
+def _budget(text: str) -> tuple[str, str, str, int | float]:
+    """`blip.vqa.epochs=24` -> ("blip", "vqa", "epochs", 24), checked against the models, tasks and fields."""
+    key, sep, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"bad budget {text!r}: use MODEL.TASK.FIELD=VALUE, e.g. blip.vqa.epochs=24")
+    model, task, name = parts
+    try:
+        number = float(value) if name == "lr" else int(value)
+    except ValueError:
+        number = None
+    try:
+        set_budget(default_budgets(), model, task, name, 1 if number is None else number)  # names, then value
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None  # names the key and what is wrong
+    if number is None:
+        kind = "a number" if name == "lr" else "an integer"
+        raise argparse.ArgumentTypeError(f"budget {key.strip()}: {name} needs {kind}, got {value!r}")
+    return model, task, name, number
+
+
+def _positive(kind: type) -> Callable[[str], int | float]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"needs {'an integer >= 1' if kind is int else 'a number > 0'}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def budgets_from_args(args: argparse.Namespace) -> dict:
+    """The default budgets with the shorthand flags (--epochs, --vqa-epochs, --batch-size, --lr), then --budget, set."""
+    budgets = default_budgets()
+    shorthands = [("*", "retrieval", "epochs", args.epochs), ("*", "captioning", "epochs", args.epochs),
+                  ("*", "vqa", "epochs", args.vqa_epochs), ("*", "*", "batch_size", args.batch_size),
+                  ("*", "*", "lr", args.lr)]
+    for model, task, name, value in [*(x for x in shorthands if x[3] is not None), *args.budget]:
+        set_budget(budgets, model, task, name, value)
+    return budgets
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = QualitySettings()
     parser.add_argument("--out", default="outputs/bench/quality", help="output folder (runs, masks, JSON, tables, plots)")
@@ -201,11 +252,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-sizes", type=_sizes, default=d.sizes,
                         help="comma-separated WorldSizes overrides, e.g. calibration=4000,train=2000,test=500")
     for name in ("image_size", "patch_size", "hidden_size", "layers", "heads", "pretrain_epochs",
-                 "pretrain_batch_size", "epochs", "vqa_epochs", "batch_size", "calibration_batches", "calibration_batch_size",
-                 "k_test"):
+                 "pretrain_batch_size", "calibration_batches", "calibration_batch_size", "k_test"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     parser.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr)
-    parser.add_argument("--lr", type=float, default=d.lr, help="fine-tuning learning rate (every task)")
+    defaults = "; ".join(f"{m}: " + ", ".join(f"{t} {b.epochs} ep / bs {b.batch_size} / lr {b.lr:g}"
+                                                for t, b in per_task.items()) for m, per_task in d.budgets.items())
+    parser.add_argument("--budget", action="append", default=[], type=_budget, metavar="MODEL.TASK.FIELD=VALUE",
+                        help="fine-tuning budget of one model and task, FIELD one of " + ", ".join(BUDGET_FIELDS)
+                             + " (MODEL or TASK may be *; repeatable, applied after the shorthands below), "
+                             f"e.g. --budget blip.vqa.epochs=24 --budget blip.vqa.batch_size=8. Defaults: {defaults}")
+    parser.add_argument("--epochs", type=_positive(int), default=None,
+                        help="shorthand: retrieval and captioning epochs of every model (= --budget *.retrieval.epochs=N "
+                             "--budget *.captioning.epochs=N)")
+    parser.add_argument("--vqa-epochs", type=_positive(int), default=None, help="shorthand: VQA epochs of every model")
+    parser.add_argument("--batch-size", type=_positive(int), default=None, help="shorthand: batch size of every model and task")
+    parser.add_argument("--lr", type=_positive(float), default=None,
+                        help="shorthand: fine-tuning learning rate of every model and task")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: free cores)")
     parser.add_argument("--pattern", default=None,
                         help="N:M pattern for every method (e.g. 2:4; --sparsities is then 1 - N/M; use its own --out)")
@@ -220,7 +282,7 @@ def settings_from_args(args: argparse.Namespace) -> QualitySettings:
         seeds=tuple(args.seeds), tasks=tuple(args.tasks), world_seed=args.world_seed, sizes=args.world_sizes,
         image_size=args.image_size, patch_size=args.patch_size, hidden_size=args.hidden_size, layers=args.layers,
         heads=args.heads, pretrain_epochs=args.pretrain_epochs, pretrain_lr=args.pretrain_lr,
-        pretrain_batch_size=args.pretrain_batch_size, epochs=args.epochs, vqa_epochs=args.vqa_epochs, lr=args.lr, batch_size=args.batch_size,
+        pretrain_batch_size=args.pretrain_batch_size, budgets=budgets_from_args(args),
         calibration_batches=args.calibration_batches, calibration_batch_size=args.calibration_batch_size,
         k_test=args.k_test, pattern=args.pattern)
 

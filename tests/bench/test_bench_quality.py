@@ -123,3 +123,83 @@ def test_marks_need_a_gap_larger_than_the_seed_spread():
     assert separated_marks({"a": (10.0, 3.0), "b": (8.0, 3.0)}) == {}  # within the spread: no mark at all
     assert separated_marks({"a": (10.0, 0.0), "b": (10.0, 0.0), "c": (1.0, 0.0)}) == {"a": "best", "b": "best",
                                                                                        "c": "second"}
+
+
+def test_budgets_are_per_model_and_task_and_join_the_fingerprint():
+    from mflightning.bench.quality_settings import default_budgets, settings_fingerprint
+    from mflightning.families import TaskSettings
+
+    s = QualitySettings(budgets={"blip": {"vqa": TaskSettings(epochs=24, lr=1e-3, batch_size=8)}})
+    assert s.budget("blip", "vqa") == TaskSettings(epochs=24, lr=1e-3, batch_size=8)
+    # the other (model, task) budgets keep their defaults
+    for model, task in (("blip", "retrieval"), ("blip", "captioning"), ("xvlm", "vqa")):
+        assert s.budget(model, task) == default_budgets()[model][task]
+    assert settings_fingerprint(s)["budgets"]["blip"]["vqa"] == {"epochs": 24, "lr": 1e-3, "batch_size": 8}
+    assert settings_fingerprint(s) != settings_fingerprint(QualitySettings())
+    with pytest.raises(ValueError, match="unknown task 'segmentation'"):
+        QualitySettings(budgets={"blip": {"segmentation": TaskSettings(epochs=1, lr=1e-3)}})
+    with pytest.raises(ValueError, match="unknown model 'clip'"):
+        QualitySettings(budgets={"clip": {}})
+    with pytest.raises(ValueError, match="epochs must be an integer >= 1"):
+        TaskSettings(epochs=0, lr=1e-3)
+
+
+def _parse(*argv):
+    import argparse
+
+    from mflightning.bench.quality import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return settings_from_args(parser.parse_args(list(argv)))
+
+
+def test_budget_flags_set_one_model_and_task_and_the_shorthands_all():
+    from mflightning.bench.quality_settings import default_budgets
+
+    defaults = default_budgets()
+    s = _parse("--budget", "blip.vqa.epochs=24", "--budget", "blip.vqa.batch_size=8", "--budget", "xvlm.*.lr=1e-3")
+    assert (s.budget("blip", "vqa").epochs, s.budget("blip", "vqa").batch_size) == (24, 8)
+    assert s.budget("blip", "retrieval") == defaults["blip"]["retrieval"]  # a VQA budget leaves the others alone
+    assert s.budget("blip", "captioning") == defaults["blip"]["captioning"]
+    assert s.budget("xvlm", "vqa").epochs == defaults["xvlm"]["vqa"].epochs
+    assert {s.budget("xvlm", t).lr for t in ("retrieval", "captioning", "vqa")} == {1e-3}
+    # shorthands: every model; --budget is applied after them
+    s = _parse("--epochs", "2", "--vqa-epochs", "5", "--batch-size", "16", "--lr", "3e-4", "--budget", "blip.vqa.epochs=7")
+    for model in ("blip", "xvlm"):
+        assert [s.budget(model, t).epochs for t in ("retrieval", "captioning")] == [2, 2]
+        assert {s.budget(model, t).batch_size for t in ("retrieval", "captioning", "vqa")} == {16}
+        assert {s.budget(model, t).lr for t in ("retrieval", "captioning", "vqa")} == {3e-4}
+    assert (s.budget("blip", "vqa").epochs, s.budget("xvlm", "vqa").epochs) == (7, 5)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("blip.vqa", "use MODEL.TASK.FIELD=VALUE"),
+    ("clip.vqa.epochs=2", "unknown model 'clip'"),
+    ("blip.segmentation.epochs=2", "unknown task 'segmentation'"),
+    ("blip.vqa.warmup=2", "unknown field 'warmup'"),
+    ("blip.vqa.epochs=many", "epochs needs an integer"),
+    ("blip.vqa.epochs=0", "epochs must be an integer >= 1"),
+    ("blip.vqa.lr=0", "lr must be > 0"),
+])
+def test_bad_budget_flags_are_named(flag, message, capsys):
+    with pytest.raises(SystemExit):
+        _parse("--budget", flag)
+    err = capsys.readouterr().err
+    assert "--budget" in err and message in err, err
+
+
+def test_a_resumed_run_with_other_budgets_is_refused(tmp_path):
+    import json as _json
+
+    from mflightning.bench.quality import run_benchmark
+    from mflightning.bench.quality_settings import settings_fingerprint
+
+    s = QualitySettings.tiny()
+    (tmp_path / "settings.json").write_text(_json.dumps(settings_fingerprint(s)))
+    other = _parse("--tiny")  # the same settings: accepted up to the world (not generated here)
+    assert settings_fingerprint(other) == settings_fingerprint(s)
+    changed = QualitySettings.tiny()
+    changed.budgets["blip"]["vqa"].epochs = 2
+    with pytest.raises(ValueError, match=r"other settings \(differ: \['budgets'\]\)"):
+        run_benchmark(tmp_path, tmp_path / "cache", changed, log=lambda _m: None)
