@@ -12,6 +12,12 @@ after every real optimizer step (so weight decay and momentum cannot revive them
 multiplied in the forward pass and no copy of the weights is kept: the only extra memory is one
 bool per local prunable weight.
 
+Copies of the masked weights take their sources' masks by rule (`MaskKeeper`): the copies the module
+declares (`pruning_copies = {"backbone_m.": "backbone."}`, e.g. RetrievalModule's momentum encoders;
+never scored) and whole-module copies other callbacks hold (Lightning's `WeightAveraging` /
+`EMAWeightAveraging` deep-copy the module in `setup`, before pruning). They are zeroed once pruned,
+after every training batch and epoch, and at train end, so none revives a pruned weight.
+
 Supported strategies: one device, DDP (every start method), and FSDP2 through
 `ModelParallelStrategy` (`fully_shard` in `configure_model`; masks are sharded like their
 parameters). Others stop in `setup` with an error naming the strategy.
@@ -163,6 +169,23 @@ class MultiFlowCallback(Callback):
         if self._keeper is not None:
             self._keeper.zero_gradients(optimizer)
 
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Re-zero the copies of masked weights (momentum encoders, EMA models) after this batch's updates."""
+        if self._keeper is not None and self._keeper.copies:
+            self._keeper.zero_copies()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Re-zero the copies after the epoch-end updates (an averaging callback may update then)."""
+        if self._keeper is not None and self._keeper.copies:
+            self._keeper.zero_copies()
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Re-zero the weights and their copies: an averaging callback copies its weights back into the
+        module now (before or after this hook, whatever the callback order)."""
+        if self._keeper is not None:
+            self._keeper.zero_weights()
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Stop watching the optimizers."""
         self._unwatch()
@@ -266,9 +289,33 @@ class MultiFlowCallback(Callback):
             if self.save_masks is not None and trainer.is_global_zero:
                 self.result.save(self.save_masks, include_scores=self.save_scores)
                 rank_zero_info(f"[mflightning] masks written to {self.save_masks}")
-        self._keeper = MaskKeeper(pl_module, masks, groups)
+        self._keeper = MaskKeeper(pl_module, masks, groups)  # + the copies the module declares (pruning_copies)
+        for label, copy in self._copies_held_elsewhere(trainer, pl_module):
+            self._keeper.follow(copy, label=label + ":")
         self._keeper.zero_weights()
         self._report(trainer, source)
+
+    def _copies_held_elsewhere(self, trainer: Trainer, pl_module: LightningModule) -> list[tuple[str, nn.Module]]:
+        """Whole-module copies other callbacks hold: a torch `AveragedModel` (Lightning's `WeightAveraging`,
+        `EMAWeightAveraging`) or any module with the masked parameters under the same names and shapes
+        (`StochasticWeightAveraging`'s). They were copied before pruning (in `setup`), so they are dense."""
+        from torch.optim.swa_utils import AveragedModel
+
+        assert self._keeper is not None
+        shapes = {name: tuple(p.shape) for name, p in self._keeper.params.items()}
+        found: list[tuple[str, nn.Module]] = []
+        for callback in trainer.callbacks:
+            if callback is self:
+                continue
+            for attr, value in vars(callback).items():
+                if isinstance(value, AveragedModel):
+                    value = value.module
+                if not isinstance(value, nn.Module) or value is pl_module:
+                    continue
+                named = dict(value.named_parameters())
+                if shapes and all(n in named and tuple(named[n].shape) == s for n, s in shapes.items()):
+                    found.append((f"{type(callback).__name__}.{attr}", value))
+        return found
 
     def _given_result(self) -> PruningResult:
         """The `masks=` result, re-thresholded at `sparsity` when that differs from its own."""
@@ -362,6 +409,9 @@ class MultiFlowCallback(Callback):
             f"masked layers ({sum(numel.values()):,d} weights; other parameters stay dense and are not counted)"
         ]
         lines += [f"  {g:<10} {numel[g]:>13,d} weights  sparsity {figures[g]:.4f}" for g in numel]
+        if keeper.copies:
+            lines.append(f"  copies of masked weights ({len(keeper.copies)}, e.g. momentum or EMA encoders) "
+                         "take their sources' masks")
         rank_zero_info("\n".join(lines))
 
 

@@ -73,6 +73,11 @@ class TaskSettings:
         self.epochs, self.batch_size, self.lr = int(self.epochs), int(self.batch_size), float(self.lr)
 
 
+# The demo's and the benchmark's retrieval runs are short and small: plain in-batch ITC + ITM, without
+# BLIP's momentum encoders, queue and distillation (RetrievalModule's defaults, meant for long COCO runs).
+SMALL_RUN_RETRIEVAL: dict[str, Any] = {"momentum": None, "queue_size": 0, "alpha": 0.0}
+
+
 @dataclass(frozen=True)
 class ModelSize:
     """The sizes a small model is built at (every family reads the same fields).
@@ -172,7 +177,8 @@ class BackboneFamily:
         """
         if task not in self.task_classes:
             raise ValueError(f"family {self.name!r} has no {task!r} task; choose from {list(self.task_classes)}")
-        options = {"k_test": k_test} if task == "retrieval" else TASK_OPTIONS[task]
+        options = {"k_test": k_test, **SMALL_RUN_RETRIEVAL} if task == "retrieval" else TASK_OPTIONS[task]
+        options = {**options, **{k: extra.pop(k) for k in list(extra) if k in options}}
         common = dict(backbone=copy.deepcopy(backbone), tokenizer=vocab, lr=lr)
         if family_options:
             common.update(self.finetune_options)

@@ -7,6 +7,7 @@ backbone scores an image-text pair is its ``match_logits``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -49,11 +50,8 @@ def itc_similarity(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torc
 
 def itc_from_similarity(sim_i2t: torch.Tensor, image_idx: torch.Tensor, text_image_idx: torch.Tensor) -> torch.Tensor:
     """`itc_loss` from precomputed image-to-text similarities (`itc_similarity`)."""
-    positives = (image_idx.view(-1, 1) == text_image_idx.view(1, -1)).float()
-    targets_i2t = positives / positives.sum(1, keepdim=True).clamp_min(1)
-    targets_t2i = positives.t() / positives.t().sum(1, keepdim=True).clamp_min(1)
-    loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * targets_i2t).sum(1).mean()
-    loss_t2i = -(F.log_softmax(sim_i2t.t(), dim=1) * targets_t2i).sum(1).mean()
+    loss_i2t = soft_cross_entropy(sim_i2t, positive_targets(image_idx, text_image_idx))
+    loss_t2i = soft_cross_entropy(sim_i2t.t(), positive_targets(text_image_idx, image_idx))
     return (loss_i2t + loss_t2i) / 2
 
 
@@ -72,6 +70,57 @@ def sample_hard_negatives(sim: torch.Tensor, same_image: torch.Tensor, generator
     return rows, cols
 
 
+def positive_targets(row_idx: torch.Tensor, col_idx: torch.Tensor) -> torch.Tensor:
+    """ITC targets ``(R, C)``: uniform over the columns whose image index equals the row's (fp32; a row
+    without a positive is all zero)."""
+    positives = (row_idx.view(-1, 1) == col_idx.view(1, -1)).float()
+    return positives / positives.sum(1, keepdim=True).clamp_min(1)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``-sum(targets * log_softmax(logits))`` (ITC with soft or distilled targets)."""
+    return -(F.log_softmax(logits.float(), dim=1) * targets).sum(1).mean()
+
+
+@dataclass
+class MatchCandidates:
+    """What ITM hard negatives are drawn from (the global batch when gathered across processes): the
+    grounded texts (``enc_token_id`` first), their masks and ``encode_text`` states, and the image tokens."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    text_states: torch.Tensor
+    image_embeds: torch.Tensor
+
+
+def itm_hard_negative_loss(
+    backbone: "VisionLanguageBackbone", enc_ids: torch.Tensor, attention_mask: torch.Tensor,
+    text_states: torch.Tensor, image_embeds: torch.Tensor, sim_i2t: torch.Tensor, sim_t2i: torch.Tensor,
+    same_image: torch.Tensor, candidates: MatchCandidates | None = None,
+) -> torch.Tensor:
+    """ITM cross-entropy over this batch's positive pairs and one hard negative each way per row.
+
+    Row ``b`` gives the pair (text b, image b), (text b, a negative image) and (a negative text,
+    image b); negatives are drawn from ``candidates`` (default: this batch) with probability
+    softmax of the similarities ``sim_t2i`` (texts x candidate images) / ``sim_i2t`` (images x
+    candidate texts), never of the same image (``same_image``: rows x candidates). Rows without a
+    valid negative are left out.
+    """
+    if candidates is None:
+        candidates = MatchCandidates(enc_ids, attention_mask, text_states, image_embeds)
+    with torch.no_grad():
+        txt_rows, neg_image = sample_hard_negatives(sim_t2i.detach(), same_image)  # a negative image per caption
+        img_rows, neg_text = sample_hard_negatives(sim_i2t.detach(), same_image)  # a negative caption per image
+    text_ids = torch.cat([enc_ids, enc_ids[txt_rows], candidates.input_ids[neg_text]])
+    text_mask = torch.cat([attention_mask, attention_mask[txt_rows], candidates.attention_mask[neg_text]])
+    states = torch.cat([text_states, text_states[txt_rows], candidates.text_states[neg_text]])
+    images = torch.cat([image_embeds, candidates.image_embeds[neg_image], image_embeds[img_rows]])
+    logits = backbone.match_logits(text_ids, text_mask, images, text_states=states)
+    labels = torch.zeros(logits.size(0), dtype=torch.long, device=logits.device)
+    labels[: enc_ids.size(0)] = 1
+    return F.cross_entropy(logits, labels)
+
+
 def itc_itm_losses(
     backbone: "VisionLanguageBackbone", image_embeds: torch.Tensor, input_ids: torch.Tensor,
     attention_mask: torch.Tensor, image_idx: torch.Tensor,
@@ -81,7 +130,8 @@ def itc_itm_losses(
     Hard negatives are sampled from the ITC similarities (softmax), never from the same image:
     one negative image per caption and one negative caption per image. The ITM pairs carry the
     backbone's grounded first token (``enc_token_id``) and the text states of the ITC pass, which
-    a backbone whose ITM reads them (XVLM's fusion encoder) reuses.
+    a backbone whose ITM reads them (XVLM's fusion encoder) reuses. (``RetrievalModule`` adds
+    momentum encoders, a feature queue and gathering across processes on top of these pieces.)
     """
     from mflightning.models.interface import with_first_token
 
@@ -92,21 +142,10 @@ def itc_itm_losses(
         backbone.temp.clamp_(0.001, 0.5)
     sim = itc_similarity(image_feat, text_feat, backbone.temp)  # once: the loss, then hard-negative sampling
     itc = itc_from_similarity(sim, image_idx, image_idx)
-
     enc_ids = with_first_token(input_ids, backbone.enc_token_id)
-    with torch.no_grad():
-        sim = sim.detach()
-        same = image_idx.view(-1, 1) == image_idx.view(1, -1)
-        txt_rows, neg_image = sample_hard_negatives(sim.t(), same)  # a negative image per caption
-        img_rows, neg_text = sample_hard_negatives(sim, same)  # a negative caption per image
-    text_ids = torch.cat([enc_ids, enc_ids[txt_rows], enc_ids[neg_text]])
-    text_mask = torch.cat([attention_mask, attention_mask[txt_rows], attention_mask[neg_text]])
-    states = torch.cat([text_states, text_states[txt_rows], text_states[neg_text]])
-    images = torch.cat([image_embeds, image_embeds[neg_image], image_embeds[img_rows]])
-    logits = backbone.match_logits(text_ids, text_mask, images, text_states=states)
-    labels = torch.zeros(logits.size(0), dtype=torch.long, device=logits.device)
-    labels[: input_ids.size(0)] = 1
-    return itc, F.cross_entropy(logits, labels)
+    same = image_idx.view(-1, 1) == image_idx.view(1, -1)
+    itm = itm_hard_negative_loss(backbone, enc_ids, attention_mask, text_states, image_embeds, sim, sim.t(), same)
+    return itc, itm
 
 
 def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer: Any,
@@ -132,4 +171,5 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100)
 
 
-__all__ = ["itc_itm_losses", "itc_loss", "mask_tokens", "mlm_loss", "sample_hard_negatives", "shifted_lm_loss"]
+__all__ = ["MatchCandidates", "itc_itm_losses", "itc_loss", "itm_hard_negative_loss", "positive_targets",
+           "soft_cross_entropy", "mask_tokens", "mlm_loss", "sample_hard_negatives", "shifted_lm_loss"]

@@ -57,7 +57,8 @@ BLIP_EXCLUDE = (
     r"(^|\.)cls\.predictions\.",  # LM prediction head
     # ... whose decoder Linear is tied to the word embeddings, so its weight is named as the embedding
     r"(^|\.)embeddings\.word_embeddings\.",
-    _PREFIX + r"\w+_m\.",  # momentum encoders, should a subclass add them
+    # momentum encoders are not excluded here: a module holding them declares them as copies
+    # (`pruning_copies`, e.g. RetrievalModule's `backbone_m.`), so they take the backbone's masks, unscored
 )
 # Decoder layer N's cross-attention and FFN take the mask of encoder layer N; its causal
 # self-attention (attention.self.*, attention.output.dense) keeps its own.

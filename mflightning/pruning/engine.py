@@ -15,6 +15,7 @@ from .allocation import compute_masks, pattern_masks
 from .config import PruningConfig
 from .methods import Method
 from .presets import calibration_adapter, recognise_preset
+from .naming import copy_exclusions
 from .result import SHOWN, PruningResult, apply_masks
 from .batches import (
     Batch,
@@ -104,7 +105,8 @@ def prune(
         forward = forward or adapter.forward
         token_mask = token_mask or adapter.token_mask
     group_spec = resolve_modalities(
-        model, preset if config.modalities is None else config.modalities, config.exclude,
+        # declared copies (momentum / EMA encoders, `pruning_copies`) take their source's masks, unscored
+        model, preset if config.modalities is None else config.modalities, config.exclude + copy_exclusions(model),
         image_groups=config.image_groups, prune_tied_embeddings=config.prune_tied_embeddings,
     )
     targets = find_targets(model, group_spec)

@@ -4,11 +4,17 @@ A mask file computed on a bare backbone applies to a task module that holds it u
 exactly one prefix mapping must fit (two copies of the backbone are an error naming both). A
 preset's `inherit` rules give a layer copy the mask of the layer it was copied from, and
 `prunable_layers` lists what a model's masks must cover.
+
+Copies of masked weights (momentum / EMA encoders) take their source's masks by rule: a module
+declares `pruning_copies = {"copy_prefix.": "source_prefix."}` (parameter names relative to it;
+any submodule may declare, its path is put in front). `declared_copies` collects the rules,
+`copy_exclusions` keeps the copies out of scoring and coverage, `copy_sources` maps each copy
+parameter to the masked parameter it copies (`MaskKeeper` masks copies with it).
 """
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 
 from torch import Tensor, nn
@@ -22,7 +28,7 @@ def prunable_layers(model: nn.Module, preset: str | None, exclude: Iterable[str]
     Only the names matter here, so a layer the preset gives no group still counts as prunable
     (prune() would refuse it, naming it; here it is reported as uncovered instead).
     """
-    spec = resolve_modalities(model, preset, exclude)
+    spec = resolve_modalities(model, preset, tuple(exclude) + copy_exclusions(model))
     any_group = replace(spec, assign=lambda name: spec.assign(name) or "unassigned")
     try:
         return list(find_targets(model, any_group))
@@ -108,3 +114,61 @@ def _candidate_pairs(probe: str, params: Mapping[str, Tensor]) -> list[tuple[str
 def _describe(pair: tuple[str, str]) -> str:
     strip, add = pair
     return f"{add!r} in place of {strip!r}" if strip else repr(add)
+
+
+COPIES_ATTRIBUTE = "pruning_copies"
+
+
+def declared_copies(model: nn.Module) -> dict[str, str]:
+    """Copy prefix -> source prefix, as `model` and its submodules declare them (`pruning_copies`).
+
+    A submodule's rules are relative to it: its path is put in front of both prefixes.
+    """
+    rules: dict[str, str] = {}
+    for path, module in model.named_modules():
+        declared = module.__dict__.get(COPIES_ATTRIBUTE, getattr(type(module), COPIES_ATTRIBUTE, None))
+        if not declared:
+            continue
+        if not isinstance(declared, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                        for k, v in declared.items()):
+            raise TypeError(f"{COPIES_ATTRIBUTE} of {path or type(module).__name__} must map copy prefixes to "
+                            f"source prefixes (str -> str), got {declared!r}")
+        base = path + "." if path else ""
+        for copy, source in declared.items():
+            if not copy or copy == source:
+                raise ValueError(f"{COPIES_ATTRIBUTE} of {path or type(module).__name__}: copy prefix {copy!r} "
+                                 f"must be non-empty and differ from its source {source!r}")
+            rules[base + copy] = base + source
+    return rules
+
+
+def copy_exclusions(model: nn.Module) -> tuple[str, ...]:
+    """Regexes of the parameters under a declared copy prefix: copies are masked by rule, never scored."""
+    return tuple("^" + re.escape(prefix) for prefix in declared_copies(model))
+
+
+def copy_sources(
+    names: Iterable[str], rules: Mapping[str, str], has_mask: Callable[[str], bool], where: str = "the model"
+) -> dict[str, str]:
+    """Copy parameter name -> the name of the masked parameter it copies, for every name under a
+    copy prefix whose source has a mask (the longest matching prefix decides; a source that is itself
+    a copy resolves to its own source). A copy prefix that names no parameter is an error."""
+    names = list(names)
+    ordered = sorted(rules.items(), key=lambda rule: -len(rule[0]))
+    unused = [copy for copy, _ in ordered if not any(n.startswith(copy) for n in names)]
+    if unused:
+        raise ValueError(f"{where} declares copies under {unused} ({COPIES_ATTRIBUTE}) but has no parameter "
+                         "with that prefix")
+    out: dict[str, str] = {}
+    for name in names:
+        source, seen = name, set()
+        while True:
+            rule = next(((c, s) for c, s in ordered if source.startswith(c)), None)
+            if rule is None or source in seen:
+                break
+            seen.add(source)
+            source = rule[1] + source[len(rule[0]):]
+            if has_mask(source):
+                out[name] = source
+                break
+    return out

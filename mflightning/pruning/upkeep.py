@@ -10,6 +10,12 @@ training needs, each with one fused multi-tensor call per (device, dtype) group 
   any other write cannot revive a pruned weight;
 - `measured_sparsity()`: the exact zeros of the masked weights, per group.
 
+Copies of masked weights take their source's masks so that no copy revives a pruned weight: the
+copies the model declares (`pruning_copies`, e.g. momentum encoders; see `naming.declared_copies`)
+from the start, and any other module holding a copy (an EMA model) once `follow` is called on it.
+Copies are zeroed with the masked weights (`zero_weights()`, or `zero_copies()` after an update
+made outside an optimizer) and never counted in the sparsity figures or the saved masks.
+
 Parameters that join an optimizer at any time (`add_param_group`, Lightning's `BaseFinetuning`) are
 masked from their first step: an optimizer's parameter list is re-read whenever its groups change.
 Parameters sharded as DTensors (FSDP2 `fully_shard`) keep their mask sharded the same way (one byte
@@ -22,6 +28,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .naming import copy_sources, declared_copies
 
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -66,9 +74,11 @@ class MaskKeeper:
         model: the module whose parameters are masked (names as in `model.named_parameters()`).
         masks: parameter name -> bool tensor of the parameter's full shape, True = kept.
         groups: parameter name -> group name, for `measured_sparsity` (default: one group `all`).
+        copies: also mask the copies `model` declares (`pruning_copies`) with their sources' masks.
     """
 
-    def __init__(self, model: nn.Module, masks: Mapping[str, Tensor], groups: Mapping[str, str] | None = None):
+    def __init__(self, model: nn.Module, masks: Mapping[str, Tensor], groups: Mapping[str, str] | None = None,
+                 *, copies: bool = True):
         params = dict(model.named_parameters())
         unknown = [name for name in masks if name not in params]
         if unknown:
@@ -84,17 +94,73 @@ class MaskKeeper:
         self._by_optimizer: dict[int, tuple[tuple, list[tuple[nn.Parameter, Tensor]]]] = {}
         self._handles: list[Any] = []
         self._buffers: dict[torch.dtype, Tensor] = {}  # CPU float buffers of `_fused_mul`
+        # copies of masked weights: label -> (parameter, local mask); `_copy_of`: model name -> source name
+        self.copies: dict[str, tuple[nn.Parameter, Tensor]] = {}
+        self._copy_of: dict[str, str] = {}
+        if copies:
+            rules = declared_copies(model)
+            if rules:
+                sources = copy_sources(params, rules, lambda n: n in self.masks, where=type(model).__name__)
+                for name, source in sources.items():
+                    self._add_copy(name, params[name], source)
+                    self._copy_of[name] = source
+
+    # ------------------------------------------------------------------ copies
+    def follow(self, module: nn.Module, rules: Mapping[str, str] | None = None, label: str = "") -> int:
+        """Mask the parameters of `module` that copy masked parameters; returns how many.
+
+        `rules` maps prefixes of `module`'s names to prefixes of the model's (copy -> source); None:
+        `module` is a copy of the whole model under the same names (an EMA model), including the
+        copies the model declares. Shapes must agree. The copies are zeroed at once.
+        """
+        masked = lambda n: n in self.masks or n in self._copy_of  # noqa: E731
+        named = dict(module.named_parameters())
+        if rules is None:
+            sources = {name: name for name in named if masked(name)}
+        else:
+            sources = copy_sources(named, rules, masked, where=label or type(module).__name__)
+        added, known = [], {id(p) for p, _ in self._all_pairs()}
+        for name, source in sources.items():
+            param = named[name]
+            if id(param) in known:  # already masked (the model itself, or a copy followed before)
+                continue
+            added.append(self._add_copy(f"{label}{name}", param, self._copy_of.get(source, source)))
+        with torch.no_grad():
+            _fused_mul([(local(p), kept) for p, kept in added], self._buffers)
+        return len(added)
+
+    def _add_copy(self, label: str, param: nn.Parameter, source: str) -> tuple[nn.Parameter, Tensor]:
+        full = self._full_mask(source)
+        if tuple(param.shape) != tuple(full.shape):
+            raise ValueError(f"copy {label!r} {tuple(param.shape)} does not match the shape of {source!r} "
+                             f"{tuple(full.shape)}, whose mask it should take")
+        self.copies[label] = (param, shard_like(full, param))
+        self._by_optimizer = {}
+        return self.copies[label]
+
+    def _full_mask(self, name: str) -> Tensor:
+        kept, param = self.masks[name], self.params[name]
+        if not is_dtensor(param):
+            return kept
+        sharded = DTensor.from_local(kept.to(torch.uint8), param.device_mesh, param.placements, shape=param.shape,
+                                     stride=param.stride())
+        return sharded.full_tensor().bool()  # a collective: every rank follows the same copies
+
+    def zero_copies(self) -> None:
+        """Zero the pruned entries of every copy (after an update made outside an optimizer, e.g. EMA)."""
+        with torch.no_grad():
+            _fused_mul([(local(p), kept) for p, kept in self.copies.values()], self._buffers)
 
     # ------------------------------------------------------------------ the exact part
     def zero_weights(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Zero the pruned entries of the parameters `optimizer` updates (all masked ones if None)."""
-        pairs = self._pairs(optimizer) if optimizer is not None else list(zip(self.params.values(), self.masks.values()))
+        """Zero the pruned entries of the parameters `optimizer` updates (all masked ones and copies if None)."""
+        pairs = self._pairs(optimizer) if optimizer is not None else self._all_pairs()
         with torch.no_grad():
             _fused_mul([(local(p), kept) for p, kept in pairs], self._buffers)
 
     def zero_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Zero the gradients of pruned entries (parameters without a gradient are skipped)."""
-        pairs = self._pairs(optimizer) if optimizer is not None else list(zip(self.params.values(), self.masks.values()))
+        pairs = self._pairs(optimizer) if optimizer is not None else self._all_pairs()
         # a non-finite gradient at a pruned entry becomes NaN, which AMP's scaler skips like any inf
         with torch.no_grad():
             _fused_mul([(local(p.grad), kept) for p, kept in pairs if p.grad is not None], self._buffers)
@@ -120,9 +186,12 @@ class MaskKeeper:
         cached = self._by_optimizer.get(id(optimizer))
         if cached is None or cached[0] != signature:
             updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            pairs = [(p, self.masks[name]) for name, p in self.params.items() if id(p) in updated]
+            pairs = [pair for pair in self._all_pairs() if id(pair[0]) in updated]
             cached = self._by_optimizer[id(optimizer)] = (signature, pairs)
         return cached[1]
+
+    def _all_pairs(self) -> list[tuple[nn.Parameter, Tensor]]:
+        return list(zip(self.params.values(), self.masks.values())) + list(self.copies.values())
 
     # ------------------------------------------------------------------ figures and state
     def measured_sparsity(self, reduce: ReduceFn | None = None) -> dict[str, float]:

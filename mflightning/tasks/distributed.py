@@ -46,3 +46,57 @@ def dedupe(items: Iterable[T], key: Callable[[T], Hashable]) -> list[T]:
 
 def to_cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu")
+
+
+# ----------------------------------------------------------------------------- training-time gathers
+def gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
+    """Every process's ``n`` (e.g. its batch size), in rank order: ``[n]`` on one process."""
+    if world_size() == 1:
+        return [int(n)]
+    mine = torch.tensor([int(n)], dtype=torch.long, device=device)
+    out = [torch.empty_like(mine) for _ in range(world_size())]
+    dist.all_gather(out, mine)
+    return [int(t.item()) for t in out]
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """``all_gather`` along dim 0 (sizes may differ per rank) whose backward hands each process the sum,
+    over every process, of the gradient with respect to its own rows."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        ctx.sizes, ctx.rank = sizes, rank()
+        longest = max(sizes)
+        padded = tensor.contiguous()
+        if tensor.size(0) < longest:
+            padded = torch.cat([padded, padded.new_zeros((longest - tensor.size(0), *tensor.shape[1:]))])
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous()
+        # every process's loss may read every process's rows: sum the gradients over processes
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]], None
+
+
+def all_gather(tensor: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """Every process's ``tensor`` concatenated along dim 0 in rank order, on every process.
+
+    Differentiable: the gradient reaching process ``r``'s rows from every process's loss flows back
+    to process ``r`` (summed; DDP then averages parameter gradients over processes, so a loss that is a
+    mean over the local rows trains like one process on the concatenated batch). ``sizes`` are the
+    processes' dim-0 sizes (``gather_sizes``; None: gathered here, one more collective). On one
+    process it is the identity (the tensor itself).
+    """
+    if world_size() == 1:
+        return tensor
+    if sizes is None:
+        sizes = gather_sizes(tensor.size(0), tensor.device)
+    if len(sizes) != world_size() or sizes[rank()] != tensor.size(0):
+        raise ValueError(f"all_gather: sizes {sizes} do not fit {world_size()} processes with "
+                         f"{tensor.size(0)} rows on rank {rank()}")
+    return _GatherWithGrad.apply(tensor, list(sizes))

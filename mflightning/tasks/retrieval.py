@@ -1,55 +1,233 @@
-"""Image-text retrieval: ITC + ITM (hard negatives) training, ITC top-k re-ranked with ITM, on any backbone."""
+"""Image-text retrieval: ITC (momentum encoders, queue, distillation, global batch) + ITM (hard negatives)
+training, ITC top-k re-ranked with ITM, on any backbone."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+import math
+from typing import Any, ClassVar, Mapping
 
 import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 
-from mflightning.losses import itc_itm_losses
+from mflightning.losses import (MatchCandidates, itc_itm_losses, itc_similarity, itm_hard_negative_loss,  # noqa: F401
+                                positive_targets, soft_cross_entropy)
 from mflightning.tasks.base import EvaluationLoop, TaskModule, _require
-from mflightning.tasks.distributed import gather_objects, rank, to_cpu
+from mflightning.tasks.distributed import all_gather, gather_objects, gather_sizes, rank, to_cpu, world_size
+from mflightning.tasks.momentum import FeatureQueue, ema_copy, momentum_update_, ramped_alpha
 from mflightning.tasks.ranking import (SHARED_KEYS, RetrievalSet, merge_outputs,  # noqa: F401
                                        recall_from_scores, rerank_pairs, rerank_scores, topk_score_matrices)
 
+#: The parts the momentum encoders copy, by backbone preset: ITC image and text encoders and projections.
+MOMENTUM_PARTS: dict[str, tuple[str, ...]] = {
+    "blip": ("vision_model", "text_encoder", "vision_proj", "text_proj"),
+    "xvlm": ("vision_encoder", "text_encoder", "vision_proj", "text_proj"),
+}
 EVAL_KEYS = ("image", "image_idx", "text_input_ids", "text_attention_mask", "text_idx", "text_image_idx")
 
 
 class RetrievalModule(EvaluationLoop, TaskModule):
     """Image-text retrieval (COCO/Flickr protocol), BLIP's settings by default.
 
-    Training: ITC with in-batch positives (captions sharing ``image_idx``) + ITM with hard
-    negatives sampled from the ITC similarities. Evaluation: ITC similarities of all image-text
-    pairs; each query's top ``k_test`` (capped by the counts) re-scored by ``combine_scores``
-    (BLIP: ``ITM logit + ITC sim``; ``XVLMRetrievalModule``: the ITM logit alone); text and image
-    R@1/5/10 logged as ``val/txt_r1`` ... ``test/r_mean``. Outputs are gathered across processes
-    and deduplicated by ``image_idx`` / ``text_idx``; each process computes ITM for the images it owns.
+    Training (BLIP's retrieval fine-tuning): ITC + ITM with hard negatives.
+
+    - ITC: each image against the texts of the GLOBAL batch (gathered across processes, gradients
+      flowing back to the process that owns each row) plus the queue, and each text against the
+      images likewise; every caption of the same image (``image_idx``), in the batch or in the
+      queue, is a positive. With momentum encoders the keys are their features (no gradient) and
+      the targets mix in their similarities: ``alpha * softmax(sim_m) + (1 - alpha) * positives``,
+      ``alpha`` ramped from 0 over the first epoch (``alpha * min(1, batch / batches_per_epoch)``).
+    - ITM: each caption's positive pair, a hard-negative image and a hard-negative caption, drawn
+      from the global batch by the softmax of the online ITC similarities, never of the same image.
+
+    Args (besides ``TaskModule``'s):
+        k_test: candidates per query re-scored by ITM at evaluation.
+        itm_batch_size: pairs per ITM forward at evaluation.
+        momentum: momentum of the EMA encoders (``momentum_parts``: image and text encoders and
+            their ITC projections), copied from the backbone; None: no momentum encoders (the ITC keys
+            are the online features). Their parameters are declared copies of the backbone's
+            (``pruning_copies``), so ``MultiFlowCallback`` gives them the backbone's masks.
+        queue_size: rows of the (image feature, text feature, image id) queue; 0: no queue. Any
+            global batch size works (the queue wraps around); empty slots are not read.
+        alpha: weight of momentum distillation (needs ``momentum``); 0: hard positive targets.
+        gather: ITC keys and ITM negatives over the global batch when several processes train;
+            False: each process's own batch only.
+
+    Small runs (a few epochs on a small dataset): ``momentum=None, queue_size=0, alpha=0`` trains
+    with plain in-batch ITC, as the demo and the benchmark do.
+
+    Evaluation: ITC similarities of all image-text pairs; each query's top ``k_test`` (capped by
+    the counts) re-scored by ``combine_scores`` (BLIP: ``ITM logit + ITC sim``;
+    ``XVLMRetrievalModule``: the ITM logit alone); text and image R@1/5/10 logged as
+    ``val/txt_r1`` ... ``test/r_mean``. Outputs are gathered across processes and deduplicated by
+    ``image_idx`` / ``text_idx``; each process computes ITM for the images it owns. The momentum
+    encoders and the queue play no part in evaluation.
     """
 
     task = "retrieval"
+    #: Backbone parts the momentum encoders copy; None: ``MOMENTUM_PARTS`` of the backbone's preset (the ITC
+    #: encoders and projections), else every part retrieval trains.
+    momentum_parts: ClassVar[tuple[str, ...] | None] = None
 
-    def __init__(self, *args: Any, k_test: int = 256, itm_batch_size: int = 128, **kwargs: Any):
+    def __init__(self, *args: Any, k_test: int = 256, itm_batch_size: int = 128, momentum: float | None = 0.995,
+                 queue_size: int = 57600, alpha: float = 0.4, gather: bool = True, **kwargs: Any):
         kwargs.setdefault("lr", 1e-5)
         kwargs.setdefault("weight_decay", 0.05)
-        super().__init__(*args, **kwargs)
         if k_test < 1 or itm_batch_size < 1:
             raise ValueError(f"k_test and itm_batch_size must be >= 1, got {k_test}, {itm_batch_size}")
+        if momentum is not None and not 0.0 < momentum < 1.0:
+            raise ValueError(f"momentum must be in (0, 1) or None (no momentum encoders), got {momentum}")
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
+            raise ValueError(f"queue_size must be an int >= 0 (0: no queue), got {queue_size!r}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if alpha > 0 and momentum is None:
+            raise ValueError(f"alpha={alpha} distils from the momentum encoders, but momentum=None: "
+                             "pass alpha=0 (or a momentum)")
+        super().__init__(*args, **kwargs)
         self.k_test = k_test
         self.itm_batch_size = itm_batch_size
+        self.momentum = momentum
+        self.alpha = float(alpha)
+        self.gather = bool(gather)
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
+        self.backbone_m: torch.nn.Module | None = None
+        if momentum is not None:
+            self.backbone_m = ema_copy(self.backbone, self._momentum_parts())
+            # the momentum encoders copy the backbone's weights: they take its pruning masks by rule
+            self.pruning_copies = {"backbone_m.": "backbone."}
+        self.queue = FeatureQueue(queue_size, self._feature_dim()) if queue_size else None
+
+    def _momentum_parts(self) -> tuple[str, ...]:
+        if self.momentum_parts is not None:
+            return tuple(self.momentum_parts)
+        known = MOMENTUM_PARTS.get(getattr(self.backbone, "pruning_preset", None))
+        if known is not None:
+            return known
+        unused = set(self.unused_parts)
+        return tuple(name for name, value in {**self.backbone._modules, **self.backbone._parameters}.items()
+                     if value is not None and name not in unused and name != "temp")
+
+    def _feature_dim(self) -> int:
+        proj = getattr(self.backbone, "vision_proj", None)
+        dim = getattr(proj, "out_features", None)
+        if not isinstance(dim, int):
+            raise ValueError(f"queue_size={self.hparams.get('queue_size')}: cannot tell the ITC feature size of "
+                             f"{type(self.backbone).__name__} (no vision_proj Linear); pass queue_size=0")
+        return dim
 
     def combine_scores(self, itm: torch.Tensor, sims: torch.Tensor) -> torch.Tensor:
         """Re-ranking score of each (image, text) pair from its ITM logit and ITC similarity (BLIP: the sum)."""
         return itm + sims
 
+    def current_alpha(self, batch_idx: int) -> float:
+        """The distillation weight at this batch: ``alpha`` ramped over the first epoch (0 without momentum)."""
+        if self.backbone_m is None:
+            return 0.0
+        trainer = self._trainer
+        batches = float(trainer.num_training_batches) if trainer is not None else math.inf
+        epoch = self.current_epoch if trainer is not None else 1
+        return ramped_alpha(self.alpha, epoch, batch_idx, batches)
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         _require(batch, ("image", "input_ids", "attention_mask", "image_idx"), "retrieval train batch")
-        image_embeds = self.backbone.encode_image(batch["image"])
-        itc, itm = itc_itm_losses(self.backbone, image_embeds, batch["input_ids"], batch["attention_mask"],
-                                  batch["image_idx"])
+        alpha = self.current_alpha(batch_idx)
+        itc, itm = self.retrieval_losses(batch, alpha)
         loss = itc + itm
-        self.log_dict({"train/loss_itc": itc, "train/loss_itm": itm, "train/loss": loss},
-                      prog_bar=True, batch_size=batch["image"].size(0))
+        logged = {"train/loss_itc": itc, "train/loss_itm": itm, "train/loss": loss}
+        if self.backbone_m is not None and self.alpha > 0:
+            logged["train/alpha"] = alpha
+        self.log_dict(logged, prog_bar=True, batch_size=batch["image"].size(0))
         return loss
+
+    def retrieval_losses(self, batch: Mapping[str, Any], alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ITC, ITM) of one training batch (see the class docstring); updates the momentum encoders
+        first and enqueues the batch's keys after, as training does."""
+        bb = self.backbone
+        image, input_ids, attention_mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+        idx = batch["image_idx"].view(-1).long()
+        image_embeds = bb.encode_image(image)
+        text_states = bb.encode_text(input_ids, attention_mask)
+        image_feat = bb.image_features(image_embeds)
+        text_feat = bb.text_features(text_states)
+        with torch.no_grad():
+            bb.temp.clamp_(0.001, 0.5)
+        temp = bb.temp
+
+        many = self.gather and world_size() > 1
+        sizes = gather_sizes(idx.numel(), idx.device) if many else None
+
+        def gather(t: torch.Tensor) -> torch.Tensor:  # the identity on one process or with gather=False
+            return all_gather(t, sizes) if many else t
+
+        idx_all = gather(idx)
+        image_feat_all, text_feat_all = gather(image_feat), gather(text_feat)  # with gradients
+
+        # ----- ITC: local rows against the global batch's keys (+ the queue)
+        if self.backbone_m is not None:
+            with torch.no_grad():
+                momentum_update_(self.backbone_m, bb, float(self.momentum))
+                m = self.backbone_m
+                image_feat_m = m.image_features(m.encode_image(image))
+                text_feat_m = m.text_features(m.encode_text(input_ids, attention_mask))
+                batch_image_keys, batch_text_keys = gather(image_feat_m), gather(text_feat_m)
+        else:
+            batch_image_keys, batch_text_keys = image_feat_all, text_feat_all
+        image_keys, text_keys, key_idx = batch_image_keys, batch_text_keys, idx_all
+        if self.queue is not None:
+            image_keys = torch.cat([image_keys, self.queue.image_feat.to(image_keys.dtype)])
+            text_keys = torch.cat([text_keys, self.queue.text_feat.to(text_keys.dtype)])
+            key_idx = torch.cat([key_idx, self.queue.image_idx])
+        sim_i2t = itc_similarity(image_feat, text_keys, temp)
+        if image_keys is image_feat and text_keys is text_feat:  # in-batch ITC of one process: one product
+            sim_t2i = sim_i2t.t()
+        else:
+            sim_t2i = itc_similarity(text_feat, image_keys, temp)
+        targets = positive_targets(idx, key_idx)  # a caption's image is its own row's: one matrix for both
+        targets_i2t = targets_t2i = targets
+        if self.backbone_m is not None and alpha > 0:
+            with torch.no_grad():
+                soft_i2t = F.softmax(itc_similarity(image_feat_m, text_keys, temp), dim=1)
+                soft_t2i = F.softmax(itc_similarity(text_feat_m, image_keys, temp), dim=1)
+                targets_i2t = alpha * soft_i2t + (1 - alpha) * targets
+                targets_t2i = alpha * soft_t2i + (1 - alpha) * targets
+        itc = (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i)) / 2
+        if self.queue is not None:
+            self.queue.enqueue(batch_image_keys, batch_text_keys, idx_all)
+
+        # ----- ITM: hard negatives from the global batch, by the online similarities
+        if self.backbone_m is None and self.queue is None:
+            sample_i2t, sample_t2i = sim_i2t, sim_t2i  # the ITC similarities are those already
+        else:
+            with torch.no_grad():
+                sample_i2t = itc_similarity(image_feat, text_feat_all, temp)
+                sample_t2i = itc_similarity(text_feat, image_feat_all, temp)
+        enc_ids = self.grounded_ids(input_ids)
+        same = idx.view(-1, 1) == idx_all.view(1, -1)
+        candidates = MatchCandidates(gather(enc_ids), gather(attention_mask), gather(text_states),
+                                     gather(image_embeds)) if many else None
+        itm = itm_hard_negative_loss(bb, enc_ids, attention_mask, text_states, image_embeds, sample_i2t, sample_t2i,
+                                     same, candidates)
+        return itc, itm
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint saved without momentum encoders or queue (older runs, or other settings) still
+        loads: the momentum encoders start from its backbone weights, the queue empty."""
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, dict):
+            return
+        filled = []
+        for name, value in self.state_dict().items():
+            if name in state:
+                continue
+            if name.startswith("backbone_m.") and "backbone." + name[len("backbone_m."):] in state:
+                state[name] = state["backbone." + name[len("backbone_m."):]].clone()
+                filled.append(name)
+            elif name.startswith("queue."):
+                state[name] = value.clone()
+                filled.append(name)
+        if filled:
+            rank_zero_info(f"[mflightning] the checkpoint has no momentum encoders / queue ({len(filled)} tensors): "
+                           "momentum encoders start from its backbone, the queue empty")
 
     # ----------------------------------------------------------------- evaluation
     def _eval_step(self, batch: Mapping[str, Any]) -> None:

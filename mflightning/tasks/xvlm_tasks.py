@@ -55,11 +55,18 @@ class XVLMTaskModule(XVLMSettings, TaskModule):
 class XVLMRetrievalModule(XVLMSettings, RetrievalModule):
     """XVLM image-text retrieval (COCO/Flickr protocol; authors: lr 3e-5, wd 0.01, 10 epochs).
 
-    Training: ITC with in-batch positives + ITM with hard negatives. Evaluation: ITC similarities
-    of all pairs; each query's top ``k_test`` re-scored by the ITM logit alone.
+    Training: ITC + ITM with hard negatives over the global batch (gathered across processes with
+    gradients, ``gather=True``; captions of one image are positives). XVLM trains without momentum
+    encoders, queue or distillation (``momentum=None, queue_size=0, alpha=0``; each can be switched on,
+    the momentum encoders copying the ITC encoders and projections). Evaluation: ITC similarities of all pairs; each
+    query's top ``k_test`` re-scored by the ITM logit alone.
     """
 
     default_lr = 3e-5
+
+    def __init__(self, *args: Any, momentum: float | None = None, queue_size: int = 0, alpha: float = 0.0,
+                 gather: bool = True, **kwargs: Any):
+        super().__init__(*args, momentum=momentum, queue_size=queue_size, alpha=alpha, gather=gather, **kwargs)
 
     def combine_scores(self, itm: torch.Tensor, sims: torch.Tensor) -> torch.Tensor:
         """XVLM ranks the ITC top-k by the ITM logit alone."""

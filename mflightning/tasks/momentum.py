@@ -1,0 +1,131 @@
+"""Momentum encoders and feature queues for contrastive training (BLIP's retrieval fine-tuning).
+
+- ``ema_copy(backbone, parts)``: a copy of the backbone holding only ``parts`` (the ITC encoders and
+  projections), so the backbone's own ``encode_image`` / ``image_features`` ... run on it. Its
+  parameters never train; ``momentum_update_`` moves them towards the online ones,
+  ``p_m = m * p_m + (1 - m) * p``. A pruned weight (0 online, 0 in the copy) stays exactly 0.
+- ``FeatureQueue``: a ring buffer of image features, text features and image ids, filled with the
+  global batch (every process enqueues the same gathered rows, so every process holds the same
+  queue); only filled slots are read.
+- ``ramped_alpha``: the distillation weight, ramped up over the first epoch as the authors do.
+
+Everything is module state (parameters, buffers), so checkpoints save and restore it.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def ema_copy(backbone: nn.Module, parts: Iterable[str]) -> nn.Module:
+    """A copy of ``backbone`` (same class) holding only its top-level children/parameters ``parts``.
+
+    The other children, parameters and buffers are left out of the copy (set to None), so it costs
+    only the parts' memory. The copy's parameters do not require gradients.
+    """
+    parts = tuple(parts)
+    own = {**backbone._modules, **backbone._parameters, **backbone._buffers}
+    missing = [p for p in parts if own.get(p) is None]
+    if missing:
+        raise ValueError(f"momentum parts {missing} are not children or parameters of {type(backbone).__name__} "
+                         f"(it has {sorted(k for k, v in own.items() if v is not None)})")
+    # deepcopy's memo maps what is left out to None: nothing of it is copied
+    memo = {id(value): None for name, value in own.items() if name not in parts and value is not None}
+    copied = copy.deepcopy(backbone, memo)
+    for part in parts:
+        original, twin = getattr(backbone, part), getattr(copied, part)
+        if isinstance(original, nn.Module) and (
+                [n for n, _ in original.named_parameters()] != [n for n, _ in twin.named_parameters()]):
+            raise ValueError(f"momentum part {part!r} shares modules with a part left out of the copy "
+                             "(tied weights); add that part to the momentum parts")
+    for param in copied.parameters():
+        param.requires_grad_(False)
+    return copied
+
+
+@torch.no_grad()
+def momentum_update_(target: nn.Module, source: nn.Module, momentum: float) -> None:
+    """``p_m = momentum * p_m + (1 - momentum) * p`` for every parameter of ``target``, ``p`` being the
+    parameter of the same name in ``source`` (exact zeros stay zero: ``m * 0 + (1 - m) * 0 == 0``)."""
+    params = dict(source.named_parameters())
+    pairs = [(p_m, params[name]) for name, p_m in target.named_parameters() if name in params]
+    if not pairs:
+        return
+    targets, sources = [p for p, _ in pairs], [p.detach() for _, p in pairs]
+    torch._foreach_mul_(targets, momentum)
+    torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
+
+
+def ramped_alpha(alpha: float, epoch: int, batch_idx: int, batches_per_epoch: float) -> float:
+    """BLIP's distillation weight: ``alpha * min(1, batch_idx / batches_per_epoch)`` in the first epoch,
+    ``alpha`` after it (and throughout when the epoch length is unknown)."""
+    if epoch > 0 or not math.isfinite(batches_per_epoch) or batches_per_epoch <= 0:
+        return float(alpha)
+    return float(alpha) * min(1.0, batch_idx / batches_per_epoch)
+
+
+class FeatureQueue(nn.Module):
+    """A ring buffer of ``size`` (image feature, text feature, image id) rows, as buffers.
+
+    ``enqueue`` writes rows at the pointer and moves it on, wrapping around (any batch size works;
+    a batch longer than the queue keeps its last ``size`` rows). Until it is full, only the rows
+    written so far are read (``image_feat`` ... return the filled part), so empty slots are never
+    negatives (the authors start from random features instead).
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        if size < 1 or dim < 1:
+            raise ValueError(f"a feature queue needs size >= 1 and dim >= 1, got {size}, {dim}")
+        self.size = int(size)
+        self.register_buffer("image_queue", torch.zeros(size, dim))
+        self.register_buffer("text_queue", torch.zeros(size, dim))
+        self.register_buffer("idx_queue", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    def _filled(self) -> int:
+        return int(self.filled)
+
+    @property
+    def image_feat(self) -> torch.Tensor:
+        return self.image_queue[: self._filled()]
+
+    @property
+    def text_feat(self) -> torch.Tensor:
+        return self.text_queue[: self._filled()]
+
+    @property
+    def image_idx(self) -> torch.Tensor:
+        return self.idx_queue[: self._filled()]
+
+    @torch.no_grad()
+    def enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, image_idx: torch.Tensor) -> None:
+        n = image_feat.size(0)
+        if text_feat.size(0) != n or image_idx.numel() != n:
+            raise ValueError(f"enqueue: {n} image features, {text_feat.size(0)} text features and "
+                             f"{image_idx.numel()} ids")
+        if n == 0:
+            return
+        if n > self.size:  # only the last `size` rows survive a full wrap
+            image_feat, text_feat, image_idx = image_feat[-self.size:], text_feat[-self.size:], image_idx[-self.size:]
+            start = (int(self.ptr) + n - self.size) % self.size
+            n = self.size
+        else:
+            start = int(self.ptr)
+        slots = (start + torch.arange(n, device=self.image_queue.device)) % self.size
+        self.image_queue[slots] = image_feat.detach().to(self.image_queue.dtype)
+        self.text_queue[slots] = text_feat.detach().to(self.text_queue.dtype)
+        self.idx_queue[slots] = image_idx.detach().view(-1).long()
+        self.ptr.fill_((start + n) % self.size)
+        self.filled.fill_(min(self.size, self._filled() + n))
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, dim={self.image_queue.size(1)}"
+
+
+__all__ = ["FeatureQueue", "ema_copy", "momentum_update_", "ramped_alpha"]
