@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from .pruning import PruningConfig, PruningResult, prune
 from .pruning.batches import default_forward
+from .pruning.presets import calibration_adapter, recognise_preset
 from .pruning.upkeep import MaskKeeper, pack_mask, unpack_mask
 
 SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)
@@ -346,6 +347,8 @@ class MultiFlowCallback(Callback):
             forward = _named(lambda model, batch: model.calibration_step(batch), "pl_module.calibration_step(batch)")
         elif self.forward is not None:
             forward = _named(self.forward, f"forward={_qualname(self.forward)}")
+        elif (preset_forward := _preset_forward(pl_module, self.config))[0] is not None:
+            forward = _named(preset_forward[0], f"the {preset_forward[1]!r} preset's calibration forward")
         else:
             forward = _named(default_forward, "pl_module(**batch) / pl_module(batch)")
         loss = self.loss
@@ -413,6 +416,16 @@ class MultiFlowCallback(Callback):
             lines.append(f"  copies of masked weights ({len(keeper.copies)}, e.g. momentum or EMA encoders) "
                          "take their sources' masks")
         rank_zero_info("\n".join(lines))
+
+
+def _preset_forward(pl_module: nn.Module, config: PruningConfig) -> tuple[Callable | None, str | None]:
+    """The calibration forward of the module's preset (named, or recognised: e.g. a transformers CLIP held
+    by the module) and the preset's name; (None, name) when the preset has none."""
+    preset = config.modalities if isinstance(config.modalities, str) else None
+    if config.modalities is None:
+        preset = recognise_preset(pl_module)
+    adapter = calibration_adapter(pl_module, preset)
+    return (adapter.forward if adapter is not None else None), preset
 
 
 def _groups_for(result: PruningResult, masks: dict[str, Tensor]) -> dict[str, str]:

@@ -47,9 +47,9 @@ the family needs that the batch lacks, or a BLIP-2 batch whose ``input_ids`` do 
 ``batch["attention_mask"]`` (None when the batch has none, e.g. SigLIP's processor, whose model then
 attends every position: nothing is filtered), checked to have ``input_ids``' shape.
 
-`prune()` uses the adapter when no `forward=` is given. `MultiFlowCallback` always passes its own
-forward (`calibration_step`, `forward=`, else `pl_module(**batch)`), so a LightningModule without a
-`forward(**processor_batch)` passes `forward=calibration_forward`.
+`prune()` uses the adapter when no `forward=` is given; `MultiFlowCallback` too, when the
+LightningModule has no `calibration_step` and no `forward=` is given (a module holding a CLIP as
+`self.model` needs no forward of its own for calibration).
 
 OPT (BLIP-2's usual LM) flattens the tokens to (B*L, D) before ``fc1``/``fc2``; the engine drops
 padding from such batch-major flattened inputs too, so their statistics are exact.
@@ -223,9 +223,8 @@ def _adapter(preset: str) -> Callable[[nn.Module], CalibrationAdapter]:
 
 
 def calibration_forward(model: nn.Module, batch: Any) -> Any:
-    """`forward(model, batch)` for any model holding one recognised family: e.g.
-    `MultiFlowCallback(forward=calibration_forward)` for a LightningModule whose own forward is not
-    `forward(**processor_batch)`."""
+    """`forward(model, batch)` for any model holding one recognised family (what `prune()` and the callback
+    use by default), for a user's own forward to wrap or for a preset given by a regex map."""
     preset = recognise(model)
     if preset is None:
         raise ValueError(f"{type(model).__name__} holds no transformers model of the families {sorted(FAMILIES)}")

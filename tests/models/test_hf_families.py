@@ -392,10 +392,12 @@ class ContrastiveCLIP(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
 
 
-def test_masks_survive_fine_tuning_with_the_callback(tmp_path):
+@pytest.mark.parametrize("forward", [calibration_forward, None], ids=["forward=calibration_forward", "recognised"])
+def test_masks_survive_fine_tuning_with_the_callback(tmp_path, forward):
+    """The callback runs the recognised family's adapter when the module has no calibration_step."""
     module = ContrastiveCLIP()
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    callback = MultiFlowCallback(0.6, calibration=batches("clip", n=2), forward=calibration_forward,
+    callback = MultiFlowCallback(0.6, calibration=batches("clip", n=2), forward=forward,
                                  save_masks=str(tmp_path / "masks.safetensors"))
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
