@@ -20,9 +20,7 @@ from mflightning.tasks.zero_shot import as_features
 
 MAX_LENGTH = 24
 SIZES = WorldSizes(calibration=16, train=2, val=6, test=12, vqa_train=2, vg=2, vqa_test=2, questions_per_image=1)
-# Until the CLIP/SigLIP presets land (models/hf_families.py), the towers are named explicitly and the
-# projections (outside the towers) stay dense.
-MODALITIES = {"vision": r"vision_model\.", "text": r"text_model\."}
+# What the recognised "clip" / "siglip" presets (models/hf_families.py) must keep dense.
 EXCLUDE = {"clip": [r"visual_projection", r"text_projection"],
            "siglip": [r"text_model\.head\.", r"vision_model\.head\."]}
 
@@ -191,7 +189,7 @@ def test_multiflow_callback_prunes_at_test_start(kind, world, processor):
     model = tiny_model(kind, processor.tokenizer)
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
     module = ZeroShotRetrievalModule(model)
-    callback = MultiFlowCallback(sparsity=0.5, modalities=MODALITIES, exclude=EXCLUDE[kind])
+    callback = MultiFlowCallback(sparsity=0.5)  # modalities=None: the preset recognised from the model
     dm = datamodule(world, processor)
     trainer(callbacks=[callback]).test(module, datamodule=dm)
 
