@@ -245,9 +245,12 @@ class BlipBackbone(nn.Module):
         decoder_from: str | os.PathLike | None = None,
         allow_missing: tuple[str, ...] = (),
         tie_decoder: bool | None = None,
+        config: BlipConfig | Mapping[str, Any] | None = None,
+        image_size: int | None = None,
         **hub_kwargs: Any,
     ) -> "BlipBackbone":
-        """Load a backbone saved by ``save_pretrained`` or a Salesforce BLIP checkpoint (hub name or dir).
+        """Load a backbone saved by ``save_pretrained``, a Salesforce BLIP checkpoint (hub name or dir) or
+        one of the authors' original BLIP ``.pth`` files.
 
         HF checkpoints: ``BlipForImageTextRetrieval`` gives the image encoder, text encoder and heads,
         ``BlipForQuestionAnswering`` image encoder + encoder + decoder, ``BlipForConditionalGeneration``
@@ -258,8 +261,31 @@ class BlipBackbone(nn.Module):
         temperature, absent from HF checkpoints, starts at 0.07. ``tie_decoder=True`` shares the
         decoder's cross-attention/FFN with the encoder after loading (the encoder's weights win);
         None keeps the saved layout (HF checkpoints: untied).
+
+        Original BLIP files (a path to a file: ``.pth``/``.pt``/``.bin``, or any file ``torch.load``
+        reads as ``{"model": state_dict, ...}`` or a bare state dict; ``blip_original.py``): the image
+        encoder is renamed onto transformers' ``BlipVisionModel`` (``visual_encoder.blocks.N.attn.qkv``
+        -> ``vision_model.encoder.layers.N.self_attn.qkv``, ...), text names pass through. The config
+        is inferred from the tensor shapes (published sizes only: widths 768/1024 -> 12/16 heads,
+        BLIP's 30524-token vocabulary) unless ``config=`` (a ``BlipConfig`` or its dict) is given,
+        which small models need. Momentum encoders (``*_m``) and queues are not loaded (one info log
+        line lists them); any other tensor that does not map, a wrong shape or a missing tensor is an
+        error. Per type: pretraining (``model_base*.pth``) gives everything; its decoder, tied to the
+        encoder in the file, is loaded as an equal copy and, with ``tie_decoder=None``, tied again
+        (the file's layout). A retrieval fine-tune has no decoder and a captioning fine-tune no text
+        encoder / ITC-ITM heads: as for HF checkpoints, that is an error unless ``decoder_from=``
+        (an original or HF checkpoint with a decoder) supplies the decoder or ``allow_missing`` names
+        the parts left randomly initialised (e.g. ``("text_decoder",)``; captioning:
+        ``("text_encoder", "vision_proj", "text_proj", "itm_head")``); a VQA fine-tune lacks the
+        heads the same way. ``temp`` starts at 0.07 when the file has none.
+
+        ``image_size`` (any format): the image size to build the backbone for; the checkpoint's
+        position embeddings are resized to its patch grid (CLS kept, bicubic, ``align_corners=False``),
+        e.g. 224 -> 384 px is 14x14 -> 24x24 at patch 16. Parameter names and shapes of every pruned
+        layer do not depend on it, so masks computed at one size apply at another.
         """
-        return load_backbone(cls, name_or_path, decoder_from, allow_missing, tie_decoder, hub_kwargs)
+        return load_backbone(cls, name_or_path, decoder_from, allow_missing, tie_decoder, hub_kwargs,
+                             config=config, image_size=image_size)
 
     def unused_parts(self, task: str) -> tuple[str, ...]:
         """Parts ``task`` never runs: the decoder for retrieval, the encoder and ITC/ITM heads for captioning."""

@@ -1,5 +1,6 @@
-"""Reading and writing ``BlipBackbone`` checkpoints: its own ``save_pretrained`` format and the
-Salesforce BLIP checkpoints in transformers format (hub name or local directory).
+"""Reading and writing ``BlipBackbone`` checkpoints: its own ``save_pretrained`` format, the
+Salesforce BLIP checkpoints in transformers format (hub name or local directory) and, through
+``blip_original.py``, the authors' original ``.pth`` files.
 
 Kept apart from ``blip.py`` so the backbone module holds the architecture and the interface only;
 ``BlipBackbone.save_pretrained`` / ``from_pretrained`` call these functions.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from transformers import BlipConfig
 
-from mflightning.models.state import dedupe_aliases
+from mflightning.models.state import dedupe_aliases, resize_position_embeddings
 
 if TYPE_CHECKING:
     from mflightning.models.blip import BlipBackbone
@@ -58,14 +60,27 @@ def save_backbone(model: "BlipBackbone", directory: str | os.PathLike) -> Path:
 def load_backbone(
     cls: type["BlipBackbone"], name_or_path: str | os.PathLike, decoder_from: str | os.PathLike | None,
     allow_missing: tuple[str, ...], tie_decoder: bool | None, hub_kwargs: Mapping[str, Any],
+    *, config: BlipConfig | Mapping[str, Any] | None = None, image_size: int | None = None,
 ) -> "BlipBackbone":
-    """``BlipBackbone.from_pretrained`` (documented there): own format or a Salesforce HF checkpoint."""
+    """``BlipBackbone.from_pretrained`` (documented there): own format, a Salesforce HF checkpoint or an
+    original BLIP ``.pth`` file (``blip_original.load_original``)."""
+    from mflightning.models.blip_original import is_original_checkpoint, load_original
+
     source = str(name_or_path)
+    if is_original_checkpoint(source):
+        return load_original(cls, source, config=config, image_size=image_size, decoder_from=decoder_from,
+                             allow_missing=allow_missing, tie_decoder=tie_decoder, hub_kwargs=hub_kwargs)
+    if config is not None:
+        raise ValueError(f"{source}: config= applies to original BLIP .pth files only; a transformers-format "
+                         "checkpoint is built from its own config.json")
     raw_config = _read_json(source, "config.json", hub_kwargs)
+    if image_size is not None:
+        raw_config.setdefault("vision_config", {})["image_size"] = int(image_size)
     architectures = raw_config.get("architectures") or []
     if BACKBONE_ARCHITECTURE in architectures:
         model = cls(BlipConfig.from_dict(raw_config))
-        loaded = load_mapped(model, _read_state_dict(source, hub_kwargs), source, components=COMPONENTS)
+        state = fit_position_embeddings(model, _read_state_dict(source, hub_kwargs), source)
+        loaded = load_mapped(model, state, source, components=COMPONENTS)
         check_missing(model, loaded, source, allow_missing=allow_missing)
         return set_tied(model, tie_decoder)
     architecture = next((a for a in architectures if a in HF_ARCHITECTURES), None)
@@ -75,19 +90,56 @@ def load_backbone(
             f"expected one of {list(HF_ARCHITECTURES)} or {BACKBONE_ARCHITECTURE}"
         )
     model = cls(BlipConfig.from_dict(raw_config))
-    loaded = load_mapped(model, _read_state_dict(source, hub_kwargs), source, components=COMPONENTS)
+    state = fit_position_embeddings(model, _read_state_dict(source, hub_kwargs), source)
+    loaded = load_mapped(model, state, source, components=COMPONENTS)
     has_decoder = any(name.startswith("text_decoder.") for name in loaded)
+    if has_decoder and decoder_from is not None:
+        log.warning("%s has its own decoder: decoder_from=%s is not used", source, decoder_from)
     if not has_decoder:
         decoder_from = decoder_from or DEFAULT_DECODER_SOURCE.get(source)
         if decoder_from is not None:
-            decoder_state = _read_state_dict(str(decoder_from), hub_kwargs)
-            decoder_state = {k: v for k, v in decoder_state.items() if not k.startswith("vision_model.")}
-            loaded |= load_mapped(model, decoder_state, str(decoder_from), components=("text_decoder",))
+            loaded |= load_mapped(model, read_decoder_state(decoder_from, hub_kwargs), str(decoder_from),
+                                  components=("text_decoder",))
     if not any(name == "temp" for name in loaded):
         loaded.add("temp")
         log.info("%s has no ITC temperature; starting from %s", source, DEFAULT_TEMP)
     check_missing(model, loaded, source, allow_missing=allow_missing)
     return set_tied(model, tie_decoder)
+
+
+def read_decoder_state(decoder_from: str | os.PathLike, hub_kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors ``decoder_from=`` gives: an original ``.pth`` file's ``text_decoder.*``, or a transformers
+    checkpoint's tensors without its image encoder (``load_mapped`` then accepts ``text_decoder.*`` only)."""
+    from mflightning.models.blip_original import is_original_checkpoint, original_decoder_state
+
+    if is_original_checkpoint(decoder_from):
+        return original_decoder_state(decoder_from)
+    state = _read_state_dict(str(decoder_from), hub_kwargs)
+    return {k: v for k, v in state.items() if not k.startswith("vision_model.")}
+
+
+POSITION_EMBEDDING = "vision_model.embeddings.position_embedding"
+
+
+def fit_position_embeddings(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """``state`` with its image position embeddings resized to ``model``'s patch grid when the two differ.
+
+    The CLS entry is kept, the patch grid resized bicubically (``align_corners=False``), as the original
+    BLIP loader does (``resize_position_embeddings``); logged. A different width is left for the shape check.
+    """
+    state = dict(state)
+    pos = state.get(POSITION_EMBEDDING)
+    target = model.state_dict().get(POSITION_EMBEDDING)
+    if pos is None or target is None or pos.shape == target.shape or pos.shape[-1] != target.shape[-1]:
+        return state
+    if pos.dim() != target.dim():
+        return state  # a layout the shape check reports
+    num_patches = target.shape[-2] - 1
+    state[POSITION_EMBEDDING] = resize_position_embeddings(pos, num_patches, where=source)
+    old_side, new_side = math.isqrt(pos.shape[-2] - 1), math.isqrt(num_patches)
+    log.info("%s: resized the image position embeddings from a %dx%d to a %dx%d patch grid (CLS kept, bicubic)",
+             source, old_side, old_side, new_side, new_side)
+    return state
 
 
 def load_mapped(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str,
@@ -125,15 +177,16 @@ def load_mapped(model: torch.nn.Module, state: Mapping[str, torch.Tensor], sourc
     return loaded
 
 
-def check_missing(model: torch.nn.Module, loaded: set[str], source: str, allow_missing: tuple[str, ...]) -> None:
-    """Raise naming the components (and a few keys) that no checkpoint provided."""
+def check_missing(model: torch.nn.Module, loaded: set[str], source: str, allow_missing: tuple[str, ...],
+                  note: str = "") -> None:
+    """Raise naming the components (and a few keys) that no checkpoint provided (``note`` precedes the advice)."""
     missing = [k for k in unique_state(model) if k not in loaded]
     missing = [k for k in missing if k.split(".", 1)[0] not in allow_missing]
     if missing:
         parts = sorted({k.split(".", 1)[0] for k in missing})
         raise ValueError(
             f"{source}: {len(missing)} backbone weights missing from the checkpoint (components "
-            f"{parts}, e.g. {missing[:6]}); pass decoder_from=<captioning/VQA checkpoint> for the "
+            f"{parts}, e.g. {missing[:6]}); {note}pass decoder_from=<captioning/VQA checkpoint> for the "
             f"decoder or allow_missing={tuple(parts)} to keep them randomly initialised"
         )
 
