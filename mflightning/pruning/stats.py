@@ -96,7 +96,9 @@ class _SquaredInputs:
                 slot = 2 if (x.shape[1], x.shape[0]) == mask.shape else 0
             else:
                 slot = 1 if x.shape[:2] == mask.shape else 0
-        elif filter_tokens and mask is not None and x.dim() == 2 and mask.dim() == 2 and mask.size(1) > 1:
+        elif filter_tokens and mask is not None and x.dim() == 2 and mask.dim() == 2 and mask.size(0) > 1:
+            # B*L rows of a batch of B > 1 are tokens flattened batch-major; with B == 1 an (L, D) input
+            # may as well be unbatched (nn.MultiheadAttention), and is left unfiltered
             slot = 3 if x.shape[0] == mask.numel() else 0
         try:
             version = x._version
