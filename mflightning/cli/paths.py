@@ -14,8 +14,10 @@ from .errors import ConfigPathError
 # (`json`: the records of a datamodule's `calibration:` section, `data.calibration.json`).
 PATH_SUFFIXES = ("_json", "image_root", "_root", "ckpt_path")
 PATH_KEYS = ("masks", "answer_list", "json")
-# Keys that hold either a hub name or a local path: checked only when the value looks local.
-MAYBE_PATH_KEYS = ("backbone", "tokenizer", "decoder_from")
+# Keys that hold either a hub name or a local path: checked only when the value looks local
+# (`checkpoint`: a backbone spec's file, `backbone: {checkpoint: weights/model_base_14M.pth, ...}`;
+# `model` / `processor`: ZeroShotRetrievalModule's and ProcessorDataModule's transformers sources).
+MAYBE_PATH_KEYS = ("backbone", "tokenizer", "decoder_from", "checkpoint", "model", "processor")
 # Output locations: never required to exist.
 OUTPUT_KEYS = ("output_dir", "save_masks", "default_root_dir", "dirpath", "save_dir")
 # File suffixes that make a `MAYBE_PATH_KEYS` value a local path.

@@ -214,12 +214,24 @@ class BlipBackbone(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: Any, tokenizer: Any, decoder_from: str | None = None) -> "BlipBackbone":
-        """Backbone from a hub name / local dir, a config dict (token ids and vocab filled from the tokenizer)
-        or an existing ``BlipBackbone``; always untied (encoder and decoder train as separate copies)."""
+        """Backbone from a hub name / local dir / original ``.pth`` file, a dict ``{"checkpoint": path,
+        "image_size": ..., "config": ..., "allow_missing": [...]}`` (``from_pretrained``'s arguments, e.g.
+        the authors' 224 px pretraining file fine-tuned at 384 px), a config dict (token ids and vocab
+        filled from the tokenizer) or an existing ``BlipBackbone``; always untied (encoder and decoder
+        train as separate copies)."""
         if isinstance(spec, cls):
             backbone = spec
         elif isinstance(spec, (str, os.PathLike)):
             backbone = cls.from_pretrained(spec, decoder_from=decoder_from)
+        elif isinstance(spec, Mapping) and "checkpoint" in spec:
+            options = dict(spec)
+            unknown = sorted(set(options) - {"checkpoint", "image_size", "config", "allow_missing"})
+            if unknown:
+                raise ValueError(f"unknown keys {unknown} in a BLIP checkpoint spec; known: checkpoint, image_size, "
+                                 "config, allow_missing")
+            if "allow_missing" in options:
+                options["allow_missing"] = tuple(options["allow_missing"])
+            backbone = cls.from_pretrained(options.pop("checkpoint"), decoder_from=decoder_from, **options)
         elif isinstance(spec, Mapping):
             backbone = cls.from_config(config_from_tokenizer(spec, tokenizer))
         elif spec is None:

@@ -54,7 +54,8 @@ def as_blip_config(config: BlipConfig | Mapping[str, Any]) -> BlipConfig:
         return config
     if not isinstance(config, Mapping):
         raise TypeError(f"BLIP config must be a BlipConfig or a dict, got {type(config).__name__}")
-    unknown = set(config) - set(BlipConfig().to_dict()) - {"text_config", "vision_config"}
+    # enc_token_id / tie_decoder: this project's own fields, which BlipConfig.to_dict() of a backbone's config holds
+    unknown = set(config) - set(BlipConfig().to_dict()) - {"text_config", "vision_config", "enc_token_id", "tie_decoder"}
     if unknown:
         raise ValueError(f"unknown BLIP config keys {sorted(unknown)}")
     return BlipConfig(**dict(config))

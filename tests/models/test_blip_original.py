@@ -424,3 +424,28 @@ def test_image_size_and_config_arguments_for_transformers_format_directories(tmp
     assert torch.equal(high.vision_model.embeddings.position_embedding[:, 0], pos[:, 0])
     with pytest.raises(ValueError, match="config= applies to original BLIP .pth files only"):
         BlipBackbone.from_pretrained(tmp_path / "own", config=config())
+
+
+class _Tokenizer:
+    """The three things `check_tokenizer` reads, for the tiny vocabulary ([DEC] 38, [ENC] 39, [PAD] 0)."""
+
+    pad_token_id = 0
+
+    def __len__(self):
+        return VOCAB
+
+    def convert_tokens_to_ids(self, token):
+        return {"[DEC]": 38, "[ENC]": 39}[token]
+
+
+def test_a_checkpoint_spec_dict_loads_the_file_at_the_task_resolution(pretraining):
+    """What a recipe's `backbone: {checkpoint: model_base_14M.pth, image_size: 384}` does (here 32 -> 48 px)."""
+    path, _ = pretraining
+    direct = BlipBackbone.from_pretrained(path, config=config(), image_size=48, tie_decoder=False)
+    spec = BlipBackbone.from_spec({"checkpoint": str(path), "image_size": 48, "config": config().to_dict()},
+                                  _Tokenizer())
+    assert spec.image_size == 48 and not spec.decoder_tied  # task modules train untied copies
+    a, b = direct.state_dict(), spec.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match=r"unknown keys \['strict'\] in a BLIP checkpoint spec"):
+        BlipBackbone.from_spec({"checkpoint": str(path), "strict": False}, _Tokenizer())
