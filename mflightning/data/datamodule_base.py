@@ -74,6 +74,14 @@ def check_crop_scale(crop_scale: tuple[float, float], name: str) -> tuple[float,
     return float(lo), float(hi)
 
 
+def trainer_world(datamodule: Any) -> tuple[int, int]:
+    """(world size, rank) of the trainer a datamodule is attached to; (1, 0) without one."""
+    trainer = getattr(datamodule, "trainer", None)
+    if trainer is not None and getattr(trainer, "world_size", 1) > 1:
+        return trainer.world_size, trainer.global_rank
+    return 1, 0
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """The calibration data of a datamodule: image-caption records (never task data) and their batches.
@@ -221,10 +229,7 @@ class VLDataModule(L.LightningDataModule):
 
     # ---- loaders --------------------------------------------------------------------------
     def _world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and getattr(trainer, "world_size", 1) > 1:
-            return trainer.world_size, trainer.global_rank
-        return 1, 0
+        return trainer_world(self)
 
     def _loader(self, dataset: Dataset, batch_size: int, collate, **kwargs: Any) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=self.num_workers,

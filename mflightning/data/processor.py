@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from .datamodule_base import CalibrationConfig, JsonArg, ShardSampler, check_positive
+from .datamodule_base import CalibrationConfig, JsonArg, ShardSampler, check_positive, trainer_world
 from .datasets import ImageCaptionsDataset, ImageTextDataset, _present
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collate functions tokenize inside workers
@@ -362,10 +362,7 @@ class ProcessorDataModule(L.LightningDataModule):
 
     # ---- loaders --------------------------------------------------------------------------
     def _world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and getattr(trainer, "world_size", 1) > 1:
-            return trainer.world_size, trainer.global_rank
-        return 1, 0
+        return trainer_world(self)
 
     def _eval_collate(self) -> ProcessorRetrievalCollate:
         return ProcessorRetrievalCollate(self.processor, self.max_length, self.prompt, self.padding, self.truncation,

@@ -43,6 +43,7 @@ from mflightning.losses import itc_itm_losses, itc_loss, sample_hard_negatives, 
 from mflightning.models.blip_checkpoints import DEFAULT_TEMP, load_backbone, save_backbone, unique_state
 from mflightning.models.blip_config import as_blip_config, config_from_tokenizer, tiny_config
 from mflightning.models.interface import with_first_token
+from mflightning.models.state import checkpoint_spec
 from mflightning.pruning.presets import register_preset
 
 PRESET_NAME = "blip"
@@ -224,14 +225,10 @@ class BlipBackbone(nn.Module):
         elif isinstance(spec, (str, os.PathLike)):
             backbone = cls.from_pretrained(spec, decoder_from=decoder_from)
         elif isinstance(spec, Mapping) and "checkpoint" in spec:
-            options = dict(spec)
-            unknown = sorted(set(options) - {"checkpoint", "image_size", "config", "allow_missing"})
-            if unknown:
-                raise ValueError(f"unknown keys {unknown} in a BLIP checkpoint spec; known: checkpoint, image_size, "
-                                 "config, allow_missing")
+            path, options = checkpoint_spec(spec, ("image_size", "config", "allow_missing"), "BLIP")
             if "allow_missing" in options:
                 options["allow_missing"] = tuple(options["allow_missing"])
-            backbone = cls.from_pretrained(options.pop("checkpoint"), decoder_from=decoder_from, **options)
+            backbone = cls.from_pretrained(path, decoder_from=decoder_from, **options)
         elif isinstance(spec, Mapping):
             backbone = cls.from_config(config_from_tokenizer(spec, tokenizer))
         elif spec is None:

@@ -55,3 +55,16 @@ def resize_position_embeddings(pos: Tensor, num_patches: int, *, where: str = "p
     patches = grid.permute(0, 2, 3, 1).reshape(num_patches, width).to(table.dtype)
     out = torch.cat([table[:1], patches], dim=0)
     return out if pos.dim() == 2 else out.unsqueeze(0)
+
+
+def checkpoint_spec(spec: Mapping, known: tuple[str, ...], family: str) -> tuple[str, dict]:
+    """A recipe's ``{"checkpoint": path, ...}`` backbone spec as (path, ``from_pretrained`` keywords).
+
+    Keys other than ``checkpoint`` and `known` are an error naming them (a typo must not be dropped).
+    """
+    options = dict(spec)
+    unknown = sorted(set(options) - {"checkpoint", *known})
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} in the {family} checkpoint spec; known: "
+                         + ", ".join(("checkpoint", *known)))
+    return options.pop("checkpoint"), options

@@ -49,6 +49,7 @@ from torch import nn
 
 from mflightning.losses import itc_itm_losses, mask_tokens, mlm_loss, shifted_lm_loss
 from mflightning.models.generation import beam_search
+from mflightning.models.state import checkpoint_spec
 from mflightning.models.xvlm_checkpoints import load_backbone, load_state, read_state_dict, save_backbone, tied_aliases
 from mflightning.models.xvlm_config import XVLMConfig, as_xvlm_config, bert_config, tiny_config
 from mflightning.models.xvlm_layers import (LayerStack, TextDecoder, TextEncoder, XBertLayer, build_mlp,
@@ -146,12 +147,8 @@ class XVLMBackbone(nn.Module):
         elif isinstance(spec, (str, os.PathLike)):
             backbone = cls.from_pretrained(spec)
         elif isinstance(spec, Mapping) and "checkpoint" in spec:
-            options = dict(spec)
-            unknown = sorted(set(options) - {"checkpoint", "image_size", "config", "strict"})
-            if unknown:
-                raise ValueError(f"unknown keys {unknown} in an XVLM checkpoint spec; known: checkpoint, image_size, "
-                                 "config, strict")
-            backbone = cls.from_pretrained(options.pop("checkpoint"), **options)
+            path, options = checkpoint_spec(spec, ("image_size", "config", "strict"), "XVLM")
+            backbone = cls.from_pretrained(path, **options)
         elif isinstance(spec, Mapping):
             config = dict(spec)
             config.setdefault("vocab_size", len(tokenizer))
@@ -303,7 +300,13 @@ class XVLMBackbone(nn.Module):
 
     def pretraining_losses(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            image_idx: torch.Tensor, tokenizer: Any) -> dict[str, torch.Tensor]:
-        """XVLM's ITC, ITM (hard negatives) and MLM, plus the decoder's LM loss when it has one (VQA)."""
+        """XVLM's ITC, ITM (hard negatives) and MLM; the captioning LM (``caption_lm``: next-token loss of the
+        text + fusion stack run with causal masks, as captioning runs it); the decoder's LM loss when it has one (VQA).
+
+        ``caption_lm`` is XVLM's generation pretraining (the authors train the captioner with an LM loss on
+        the pretraining images before fine-tuning it on COCO); without it the causal path the captioner
+        uses is never trained before fine-tuning.
+        """
         ids, att = input_ids, attention_mask
         image_embeds = self.encode_image(image)
         itc, itm = itc_itm_losses(self, image_embeds, ids, att, image_idx)
@@ -311,7 +314,8 @@ class XVLMBackbone(nn.Module):
         # mask_tokens draws random words from the whole tokenizer; [DEC]/[ENC] past the vocabulary -> [MASK]
         masked = masked.masked_fill(masked >= self.config.vocab_size, tokenizer.mask_token_id)
         mlm = mlm_loss(self.mlm_logits(self.encode_grounded(masked, att, image_embeds)), labels)
-        losses = {"itc": itc, "itm": itm, "mlm": mlm}
+        caption_lm = shifted_lm_loss(self.caption_logits(ids, att, image_embeds), ids.masked_fill(att == 0, -100))
+        losses = {"itc": itc, "itm": itm, "mlm": mlm, "caption_lm": caption_lm}
         if self.text_decoder is not None:  # the decoder reads the caption as calibration_step runs it
             states = self.encode_grounded(ids, att, image_embeds)
             losses["lm"] = shifted_lm_loss(self.decode(ids, att, states, att), ids.masked_fill(att == 0, -100))

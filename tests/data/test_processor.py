@@ -6,39 +6,15 @@ import os
 import pytest
 import torch
 from PIL import Image
-from transformers import (AutoProcessor, CLIPImageProcessor, CLIPProcessor, CLIPTokenizer, SiglipImageProcessor,
+from transformers import (AutoProcessor, CLIPImageProcessor, CLIPProcessor, SiglipImageProcessor,
                           SiglipProcessor)
 
+from mflightning.testing import tiny_clip_tokenizer as clip_tokenizer
 from mflightning.data import CalibrationConfig, ProcessorDataModule, processor_calibration_loader
 from mflightning.data.datamodule_base import ShardSampler
 from mflightning.data.processor import ProcessorCalibrationCollate, load_processor
 
 MAX_LENGTH = 24
-
-
-def clip_tokenizer(folder, words):
-    """A CLIP BPE tokenizer over letters and digits, with merges that build the given words (no download)."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz0123456789":
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    merges = []
-    for word in words:
-        if not word.isalnum() or len(word) < 2:
-            continue
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        current = parts[0]
-        for part in parts[1:]:
-            pair, current = f"{current} {part}", current + part
-            if current not in vocab:
-                merges.append(pair)
-                vocab[current] = len(vocab)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(vocab=os.path.join(folder, "vocab.json"), merges=os.path.join(folder, "merges.txt"))
 
 
 @pytest.fixture(scope="module")

@@ -447,5 +447,5 @@ def test_a_checkpoint_spec_dict_loads_the_file_at_the_task_resolution(pretrainin
     assert spec.image_size == 48 and not spec.decoder_tied  # task modules train untied copies
     a, b = direct.state_dict(), spec.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match=r"unknown keys \['strict'\] in a BLIP checkpoint spec"):
+    with pytest.raises(ValueError, match=r"unknown keys \['strict'\] in the BLIP checkpoint spec"):
         BlipBackbone.from_spec({"checkpoint": str(path), "strict": False}, _Tokenizer())

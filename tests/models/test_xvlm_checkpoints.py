@@ -273,7 +273,7 @@ def test_checkpoint_spec_dict_and_tokenizer_with_dec_enc_past_the_vocabulary(tmp
     assert backbone.config.image_size == 48
     with pytest.raises(ValueError, match="tokenizer has 43 tokens but the backbone's vocabulary is 40"):
         XVLMBackbone.from_spec(spec, Tokenizer(VOCAB + 3))
-    with pytest.raises(ValueError, match=r"unknown keys \['size'\] in an XVLM checkpoint spec"):
+    with pytest.raises(ValueError, match=r"unknown keys \['size'\] in the XVLM checkpoint spec"):
         XVLMBackbone.from_spec({**spec, "size": 1}, Tokenizer(VOCAB))
 
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
-from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, SiglipConfig,
+from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, SiglipConfig,
                           SiglipModel)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mflightning import MultiFlowCallback
+from mflightning.testing import tiny_clip_tokenizer as clip_tokenizer
 from mflightning.data import CalibrationConfig, ProcessorDataModule, WorldSizes, clean_text, generate_world
 from mflightning.tasks import ZeroShotRetrievalModule
 from mflightning.tasks.zero_shot import as_features
@@ -23,31 +24,6 @@ SIZES = WorldSizes(calibration=16, train=2, val=6, test=12, vqa_train=2, vg=2, v
 # What the recognised "clip" / "siglip" presets (models/hf_families.py) must keep dense.
 EXCLUDE = {"clip": [r"visual_projection", r"text_projection"],
            "siglip": [r"text_model\.head\.", r"vision_model\.head\."]}
-
-
-def clip_tokenizer(folder, words):
-    """A CLIP BPE tokenizer over letters and digits, with merges that build the given words (no download)."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz0123456789":
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    merges = []
-    for word in words:
-        if not word.isalnum() or len(word) < 2:
-            continue
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        current = parts[0]
-        for part in parts[1:]:
-            pair, current = f"{current} {part}", current + part
-            if current not in vocab:
-                merges.append(pair)
-                vocab[current] = len(vocab)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(vocab=os.path.join(folder, "vocab.json"), merges=os.path.join(folder, "merges.txt"))
 
 
 def tiny_model(kind, tokenizer, seed=0):
