@@ -137,6 +137,7 @@ def test_pretrained_models_keep_their_cache_folders(tmp_path):
     }
     assert folders == {  # computed by the code that made the caches (before mflightning.families)
         "demo": "pretrained-d5d2219ea86e7327", "demo small": "pretrained-4b4c17c599acc103",
-        # XVLM: v3 since its ViT took the authors' CLIP layout (separate q/k/v): v2 caches hold a timm ViT
-        "quality blip": "pretrained-5b0fd0ecad91ecf7", "quality xvlm": "xvlm-pretrained-v3-340b461e1d477621",
+        # XVLM: v3 since its ViT took the authors' CLIP layout (separate q/k/v): v2 caches hold a timm ViT;
+        # v4 since its pretraining adds the captioning LM loss (and the small config has no dropout)
+        "quality blip": "pretrained-5b0fd0ecad91ecf7", "quality xvlm": "xvlm-pretrained-v4-a6da04f4c7ad78a2",
     }

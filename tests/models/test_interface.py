@@ -119,7 +119,7 @@ def test_pretraining_losses_and_unused_parts(tokenizer, build):
     backbone = build(tokenizer).train()
     image, ids, att = batch(tokenizer)
     losses = backbone.pretraining_losses(image, ids, att, torch.arange(3), tokenizer)
-    assert set(losses) == ({"itc", "itm", "lm"} if isinstance(backbone, BlipBackbone) else {"itc", "itm", "mlm", "lm"})
+    assert set(losses) == ({"itc", "itm", "lm"} if isinstance(backbone, BlipBackbone) else {"itc", "itm", "mlm", "caption_lm", "lm"})
     assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
     names = [n for n, _ in backbone.named_parameters()]
     for task in TASKS:

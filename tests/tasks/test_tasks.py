@@ -280,7 +280,7 @@ def test_calibration_step_reaches_every_layer_and_snip_loss(tmp_path, tokenizer,
     assert all(v == pytest.approx(0.5, abs=0.005) for v in groups.values()), groups
     assert any(n.startswith("backbone.text_decoder.") for n in callback.result.masks)
     losses = module.pretraining_losses(calibration[0])
-    assert set(losses) == ({"itc", "itm", "lm"} if family is BLIP else {"itc", "itm", "mlm", "lm"})
+    assert set(losses) == ({"itc", "itm", "lm"} if family is BLIP else {"itc", "itm", "mlm", "caption_lm", "lm"})
     snip = mflightning.prune(module, sparsity=0.5, method="snip", calibration=calibration[:1],
                              loss=lambda m, batch: m.pruning_loss(batch))
     assert snip.sparsity == pytest.approx(0.5, abs=0.01)
