@@ -139,5 +139,5 @@ def test_pretrained_models_keep_their_cache_folders(tmp_path):
         "demo": "pretrained-d5d2219ea86e7327", "demo small": "pretrained-4b4c17c599acc103",
         # XVLM: v3 since its ViT took the authors' CLIP layout (separate q/k/v): v2 caches hold a timm ViT;
         # v4 since its pretraining adds the captioning LM loss (and the small config has no dropout)
-        "quality blip": "pretrained-5b0fd0ecad91ecf7", "quality xvlm": "xvlm-pretrained-v4-a6da04f4c7ad78a2",
+        "quality blip": "pretrained-5b0fd0ecad91ecf7", "quality xvlm": "xvlm-pretrained-v4-501df3d974faeb2b",
     }

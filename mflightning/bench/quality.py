@@ -254,7 +254,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("image_size", "patch_size", "hidden_size", "layers", "heads", "pretrain_epochs",
                  "pretrain_batch_size", "calibration_batches", "calibration_batch_size", "k_test"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    parser.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr)
+    parser.add_argument("--pretrain-lr", type=float, default=None,
+                        help="pretraining lr of every model (default per model: " +
+                        ", ".join(f"{m} {lr:g}" for m, lr in d.pretrain_lrs.items()) + ")")
     defaults = "; ".join(f"{m}: " + ", ".join(f"{t} {b.epochs} ep / bs {b.batch_size} / lr {b.lr:g}"
                                                 for t, b in per_task.items()) for m, per_task in d.budgets.items())
     parser.add_argument("--budget", action="append", default=[], type=_budget, metavar="MODEL.TASK.FIELD=VALUE",
@@ -281,7 +283,7 @@ def settings_from_args(args: argparse.Namespace) -> QualitySettings:
         models=tuple(args.models), methods=tuple(args.methods), sparsities=tuple(args.sparsities),
         seeds=tuple(args.seeds), tasks=tuple(args.tasks), world_seed=args.world_seed, sizes=args.world_sizes,
         image_size=args.image_size, patch_size=args.patch_size, hidden_size=args.hidden_size, layers=args.layers,
-        heads=args.heads, pretrain_epochs=args.pretrain_epochs, pretrain_lr=args.pretrain_lr,
+        heads=args.heads, pretrain_epochs=args.pretrain_epochs, pretrain_lrs=({m: args.pretrain_lr for m in MODELS} if args.pretrain_lr else QualitySettings().pretrain_lrs),
         pretrain_batch_size=args.pretrain_batch_size, budgets=budgets_from_args(args),
         calibration_batches=args.calibration_batches, calibration_batch_size=args.calibration_batch_size,
         k_test=args.k_test, pattern=args.pattern)

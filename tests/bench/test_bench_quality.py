@@ -203,3 +203,19 @@ def test_a_resumed_run_with_other_budgets_is_refused(tmp_path):
     changed.budgets["blip"]["vqa"].epochs = 2
     with pytest.raises(ValueError, match=r"other settings \(differ: \['budgets'\]\)"):
         run_benchmark(tmp_path, tmp_path / "cache", changed, log=lambda _m: None)
+
+
+def test_pretraining_lr_is_per_model_and_the_flag_sets_every_one():
+    import argparse
+
+    from mflightning.bench.quality import add_arguments, settings_from_args
+    from mflightning.families import get_family
+
+    s = QualitySettings()
+    assert s.pretrain_config(get_family("blip")).lr == 1e-3 and s.pretrain_config(get_family("xvlm")).lr == 2e-3
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flagged = settings_from_args(parser.parse_args(["--pretrain-lr", "5e-4"]))
+    assert flagged.pretrain_lrs == {"blip": 5e-4, "xvlm": 5e-4}
+    with pytest.raises(ValueError, match="pretrain_lrs: 'clip'"):
+        QualitySettings(pretrain_lrs={"clip": 1e-3})
