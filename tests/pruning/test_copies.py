@@ -79,6 +79,14 @@ def test_follow_masks_a_whole_module_copy_held_elsewhere():
     assert keeper.follow(outside, label="avg:") == 2 * len(masks)  # the model and its declared copy
     assert pruned_nonzeros(outside, masks) == 0
     assert pruned_nonzeros(outside, masks, lambda n: "model_ema." + n[len("model."):]) == 0
+    # an update made outside any optimizer (an EMA step from another source, a load) is undone by zero_copies
+    with torch.no_grad():
+        for p in outside.parameters():
+            p.add_(1.0)
+    assert pruned_nonzeros(outside, masks) > 0
+    keeper.zero_copies()
+    assert pruned_nonzeros(outside, masks) == 0
+    assert pruned_nonzeros(outside, masks, lambda n: "model_ema." + n[len("model."):]) == 0
 
 
 def loader(n=6, seed=1):
