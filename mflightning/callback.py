@@ -297,9 +297,13 @@ class MultiFlowCallback(Callback):
         self._report(trainer, source)
 
     def _copies_held_elsewhere(self, trainer: Trainer, pl_module: LightningModule) -> list[tuple[str, nn.Module]]:
-        """Whole-module copies other callbacks hold: a torch `AveragedModel` (Lightning's `WeightAveraging`,
-        `EMAWeightAveraging`) or any module with the masked parameters under the same names and shapes
-        (`StochasticWeightAveraging`'s). They were copied before pruning (in `setup`), so they are dense."""
+        """Averaged copies of the module other callbacks hold: a torch `AveragedModel` (Lightning's
+        `WeightAveraging` / `EMAWeightAveraging`, `StochasticWeightAveraging`'s `_average_model`), or a
+        module a callback names in `pruning_copies_of_module` (attribute names). They were copied before
+        pruning (in `setup`), so they are dense. A look-alike module a callback merely holds (a teacher of
+        the same architecture) is never touched: only these are followed, and their names and shapes
+        must match the pruned module's (else an error naming the callback)."""
+        from lightning.pytorch.callbacks import StochasticWeightAveraging
         from torch.optim.swa_utils import AveragedModel
 
         assert self._keeper is not None
@@ -308,14 +312,23 @@ class MultiFlowCallback(Callback):
         for callback in trainer.callbacks:
             if callback is self:
                 continue
+            declared = set(getattr(callback, "pruning_copies_of_module", ()) or ())
+            if isinstance(callback, StochasticWeightAveraging):
+                declared.add("_average_model")  # a deep copy of the module, averaged in place
             for attr, value in vars(callback).items():
                 if isinstance(value, AveragedModel):
                     value = value.module
+                elif attr not in declared:
+                    continue
                 if not isinstance(value, nn.Module) or value is pl_module:
                     continue
                 named = dict(value.named_parameters())
-                if shapes and all(n in named and tuple(named[n].shape) == s for n, s in shapes.items()):
-                    found.append((f"{type(callback).__name__}.{attr}", value))
+                wrong = [n for n, shape in shapes.items() if n not in named or tuple(named[n].shape) != shape]
+                if wrong:
+                    raise ValueError(f"{type(callback).__name__}.{attr} holds a copy of the module whose parameters "
+                                     f"do not match the pruned ones (e.g. {wrong[:3]}): its pruned weights cannot "
+                                     "be kept at zero")
+                found.append((f"{type(callback).__name__}.{attr}", value))
         return found
 
     def _given_result(self) -> PruningResult:

@@ -76,7 +76,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()  # all_reduce writes in place: never into autograd's own buffer
         # every process's loss may read every process's rows: sum the gradients over processes
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = sum(ctx.sizes[: ctx.rank])

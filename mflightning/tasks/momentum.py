@@ -52,7 +52,11 @@ def momentum_update_(target: nn.Module, source: nn.Module, momentum: float) -> N
     """``p_m = momentum * p_m + (1 - momentum) * p`` for every parameter of ``target``, ``p`` being the
     parameter of the same name in ``source`` (exact zeros stay zero: ``m * 0 + (1 - m) * 0 == 0``)."""
     params = dict(source.named_parameters())
-    pairs = [(p_m, params[name]) for name, p_m in target.named_parameters() if name in params]
+    unmatched = [name for name, _ in target.named_parameters() if name not in params]
+    if unmatched:  # e.g. the backbone was re-parametrised after the copy was made: the copy would freeze
+        raise ValueError(f"momentum update: {len(unmatched)} momentum parameters have no online parameter of the "
+                         f"same name (e.g. {unmatched[:3]})")
+    pairs = [(p_m, params[name]) for name, p_m in target.named_parameters()]
     if not pairs:
         return
     targets, sources = [p for p, _ in pairs], [p.detach() for _, p in pairs]

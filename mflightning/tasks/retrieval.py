@@ -191,8 +191,12 @@ class RetrievalModule(EvaluationLoop, TaskModule):
                 targets_i2t = alpha * soft_i2t + (1 - alpha) * targets
                 targets_t2i = alpha * soft_t2i + (1 - alpha) * targets
         itc = (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i)) / 2
-        if self.queue is not None:
-            self.queue.enqueue(batch_image_keys, batch_text_keys, idx_all)
+        if self.queue is not None:  # the global batch's keys, in rank order, whatever `gather` says
+            queued = (batch_image_keys, batch_text_keys, idx_all)
+            if world_size() > 1 and not many:  # every rank must hold the same queue
+                sizes_q = gather_sizes(idx.numel(), idx.device)
+                queued = tuple(all_gather(t.detach(), sizes_q) for t in queued)
+            self.queue.enqueue(*queued)
 
         # ----- ITM: hard negatives from the global batch, by the online similarities
         if self.backbone_m is None and self.queue is None:

@@ -8,7 +8,7 @@ import sys
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, WeightAveraging
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint, WeightAveraging
 from torch.utils.data import DataLoader
 
 from mflightning import MultiFlowCallback, prune
@@ -188,3 +188,37 @@ def test_retrieval_momentum_encoders_carry_the_masks_through_training_and_resume
     for name, value in probe.momentum.items():
         assert torch.equal(value, saved["backbone_m." + name]), name
     assert pruned_nonzeros(resumed, {n: masks[n] for n in copied}, momentum) == 0
+
+
+class _HoldsTeacher(Callback):
+    """A distillation-style callback holding another model of the same architecture (not a copy)."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+
+def test_a_look_alike_module_another_callback_holds_is_never_masked(tmp_path):
+    module, teacher = ToyModule(), ToyModule()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.normal_()
+    before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    pruning = MultiFlowCallback(0.75, calibration=make_batches(2), **COMMON)
+    trainer(tmp_path, max_epochs=1, callbacks=[pruning, _HoldsTeacher(teacher)]).fit(module, loader())
+    assert all(torch.equal(p, before[n]) for n, p in teacher.named_parameters())
+    assert not any(label.startswith("_HoldsTeacher.") for label in pruning.keeper.copies)
+
+
+def test_a_callback_can_declare_its_copy_and_a_mismatched_one_is_an_error(tmp_path):
+    class Declares(_HoldsTeacher):
+        pruning_copies_of_module = ("teacher",)
+
+    module = ToyModule()
+    pruning = MultiFlowCallback(0.75, calibration=make_batches(2), **COMMON)
+    held = Declares(copy.deepcopy(module))
+    trainer(tmp_path, max_epochs=1, callbacks=[pruning, held]).fit(module, loader())
+    assert pruned_nonzeros(held.teacher, pruning.kept_masks) == 0
+    bad = Declares(torch.nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="Declares.teacher holds a copy of the module whose parameters do not match"):
+        trainer(tmp_path, max_epochs=1, callbacks=[MultiFlowCallback(0.75, calibration=make_batches(2), **COMMON),
+                                                   bad]).fit(ToyModule(), loader())

@@ -94,6 +94,7 @@ def main(devices: int, workdir: str) -> None:
     if devices > 1:
         runs["local"] = dict(momentum=None, queue_size=0, alpha=0.0, gather=False, steps=1)
         runs["queue"] = dict(momentum=0.995, queue_size=16, alpha=0.4, gather=True, steps=2)
+        runs["queue-local"] = dict(momentum=0.995, queue_size=16, alpha=0.4, gather=False, steps=2)
     for name, settings in runs.items():
         pl.seed_everything(0)
         steps = settings.pop("steps")

@@ -56,3 +56,11 @@ def test_the_queue_holds_the_global_batch_in_rank_order_on_every_process(runs):
         expected = torch.cat([rank0[features][0], rank1[features][0], rank0[features][1], rank1[features][1]])
         assert torch.equal(queue[key], expected), key
     assert not torch.equal(rank0[features][0], rank1[features][0])
+
+
+def test_without_gather_the_queue_still_holds_the_global_batch_on_every_process(runs):
+    """gather=False keeps ITC/ITM per process, but the queue must not drift apart between ranks."""
+    rank0, rank1 = runs("queue-local", 2, 0), runs("queue-local", 2, 1)
+    for key, value in rank0["queue"].items():
+        assert torch.equal(value, rank1["queue"][key]), key
+    assert rank0["queue"]["idx_queue"].tolist() == [0, 1, 2, 3] * 4

@@ -185,3 +185,16 @@ def test_xvlm_can_switch_the_momentum_encoders_and_queue_on(tokenizer):
     assert parts == {"vision_encoder", "text_encoder", "vision_proj", "text_proj"}
     itc, itm = module.retrieval_losses(train_batch(tokenizer), alpha=0.4)
     assert torch.isfinite(itc) and torch.isfinite(itm) and int(module.queue.filled) == 4
+
+
+def test_the_momentum_update_refuses_parameters_it_cannot_pair():
+    """A momentum copy whose names no longer match the online model (re-parametrised) must not freeze silently."""
+    from torch import nn
+
+    from mflightning.tasks.momentum import momentum_update_
+
+    online, copy_ = nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 2))
+    momentum_update_(copy_, online, 0.5)  # same names: fine
+    renamed = nn.ModuleDict({"proj": nn.Linear(2, 2)})
+    with pytest.raises(ValueError, match=r"2 momentum parameters have no online parameter .*proj\.weight"):
+        momentum_update_(renamed, online, 0.5)
