@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .allocation import compute_masks, parse_pattern, pattern_masks
 from .config import check_sparsity
-from .naming import _add_inherited, _match_names, prunable_layers  # noqa: F401  (prunable_layers re-exported)
+from .naming import _add_inherited, _match_names, copy_sources, declared_copies, prunable_layers  # noqa: F401  (prunable_layers re-exported)
 
 FORMAT = "mflightning-masks/1"
 # How many names an error or a warning lists before giving only the count.
@@ -212,7 +212,12 @@ class PruningResult:
                 would silently count the masked layers only.
         """
         params = dict(model.named_parameters())
-        strip, add = _match_names(list(self.masks), params, prefix, self._where())
+        copies = tuple(declared_copies(model))  # masked by rule from their sources: never a place for the masks
+        if copies and prefix and prefix.startswith(copies):
+            raise ValueError(f"prefix {prefix!r} names a declared copy ({', '.join(copies)}): its masks follow from "
+                             "its source; give the source's prefix")
+        candidates = {n: p for n, p in params.items() if not n.startswith(copies)} if copies else params
+        strip, add = _match_names(list(self.masks), candidates, prefix, self._where())
         resolved = {add + name[len(strip):]: mask for name, mask in self.masks.items()}
         preset_name = getattr(model, "pruning_preset", None) or self.preset
         if preset_name:
@@ -235,10 +240,17 @@ class PruningResult:
     ) -> dict[str, Tensor]:
         """Zero the pruned weights of `model` in place; returns the masks keyed by its parameter names.
 
-        `prefix`, `exclude` and `partial` are those of `masks_for`.
+        The copies `model` declares (`pruning_copies`, e.g. momentum encoders) are zeroed with their
+        sources' masks too (they are not in the returned masks). `prefix`, `exclude` and `partial` are
+        those of `masks_for`.
         """
         resolved = self.masks_for(model, prefix=prefix, exclude=exclude, partial=partial)
         apply_masks(model, resolved)
+        rules = declared_copies(model)
+        if rules:
+            names = [n for n, _ in model.named_parameters()]
+            sources = copy_sources(names, rules, lambda n: n in resolved, where=type(model).__name__)
+            apply_masks(model, {copy: resolved[source] for copy, source in sources.items()})
         return resolved
 
     def _check_coverage(

@@ -222,3 +222,15 @@ def test_a_callback_can_declare_its_copy_and_a_mismatched_one_is_an_error(tmp_pa
     with pytest.raises(ValueError, match="Declares.teacher holds a copy of the module whose parameters do not match"):
         trainer(tmp_path, max_epochs=1, callbacks=[MultiFlowCallback(0.75, calibration=make_batches(2), **COMMON),
                                                    bad]).fit(ToyModule(), loader())
+
+
+def test_masks_of_the_bare_model_find_the_source_not_the_copy_and_apply_zeroes_the_copy():
+    """Mask names of the bare model fit both `model.` and the copy `model_ema.`: the copy is never a candidate."""
+    module = ToyWithEMA()
+    result = prune(module.model, sparsity=0.5, method="omp")
+    resolved = result.apply(module)
+    assert resolved and all(n.startswith("model.") for n in resolved)
+    assert pruned_nonzeros(module, resolved) == 0
+    assert pruned_nonzeros(module, resolved, lambda n: "model_ema." + n[len("model."):]) == 0  # the copy too
+    with pytest.raises(ValueError, match="prefix 'model_ema.' names a declared copy"):
+        result.masks_for(module, prefix="model_ema.")
