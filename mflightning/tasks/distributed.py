@@ -59,6 +59,25 @@ def gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
     return [int(t.item()) for t in out]
 
 
+def gather_shapes(*dims: int, device: torch.device | str = "cpu") -> list[tuple[int, ...]]:
+    """Every process's ``dims`` (e.g. its batch size and sequence length), in rank order, in one collective."""
+    if world_size() == 1:
+        return [tuple(int(d) for d in dims)]
+    mine = torch.tensor([int(d) for d in dims], dtype=torch.long, device=device)
+    out = [torch.empty_like(mine) for _ in range(world_size())]
+    dist.all_gather(out, mine)
+    return [tuple(int(v) for v in t.tolist()) for t in out]
+
+
+def pad_length(tensor: torch.Tensor, length: int, value: float = 0) -> torch.Tensor:
+    """``tensor`` padded along dim 1 to ``length`` with ``value`` (token tensors of ranks padded differently)."""
+    missing = length - tensor.size(1)
+    if missing <= 0:
+        return tensor
+    shape = (tensor.size(0), missing, *tensor.shape[2:])
+    return torch.cat([tensor, tensor.new_full(shape, value)], dim=1)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """``all_gather`` along dim 0 (sizes may differ per rank) whose backward hands each process the sum,
     over every process, of the gradient with respect to its own rows."""

@@ -12,7 +12,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from mflightning.losses import (MatchCandidates, itc_itm_losses, itc_similarity, itm_hard_negative_loss,  # noqa: F401
                                 positive_targets, soft_cross_entropy)
 from mflightning.tasks.base import EvaluationLoop, TaskModule, _require
-from mflightning.tasks.distributed import all_gather, gather_objects, gather_sizes, rank, to_cpu, world_size
+from mflightning.tasks.distributed import (all_gather, gather_objects, gather_shapes, gather_sizes, pad_length,
+                                          rank, to_cpu, world_size)
 from mflightning.tasks.momentum import FeatureQueue, ema_copy, momentum_update_, ramped_alpha
 from mflightning.tasks.ranking import (SHARED_KEYS, RetrievalSet, merge_outputs,  # noqa: F401
                                        recall_from_scores, rerank_pairs, rerank_scores, topk_score_matrices)
@@ -154,7 +155,10 @@ class RetrievalModule(EvaluationLoop, TaskModule):
         temp = bb.temp
 
         many = self.gather and world_size() > 1
-        sizes = gather_sizes(idx.numel(), idx.device) if many else None
+        sizes = length = None
+        if many:  # batch sizes, and sequence lengths: a collate padding to the longest caption differs per rank
+            shapes = gather_shapes(idx.numel(), input_ids.size(1), device=idx.device)
+            sizes, length = [n for n, _ in shapes], max(L for _, L in shapes)
 
         def gather(t: torch.Tensor) -> torch.Tensor:  # the identity on one process or with gather=False
             return all_gather(t, sizes) if many else t
@@ -207,8 +211,12 @@ class RetrievalModule(EvaluationLoop, TaskModule):
                 sample_t2i = itc_similarity(text_feat, image_feat_all, temp)
         enc_ids = self.grounded_ids(input_ids)
         same = idx.view(-1, 1) == idx_all.view(1, -1)
-        candidates = MatchCandidates(gather(enc_ids), gather(attention_mask), gather(text_states),
-                                     gather(image_embeds)) if many else None
+        candidates = None
+        if many:  # every rank's texts padded to the longest (padding is masked out), then gathered
+            enc_ids, attention_mask = pad_length(enc_ids, length), pad_length(attention_mask, length)
+            text_states = pad_length(text_states, length)
+            candidates = MatchCandidates(gather(enc_ids), gather(attention_mask), gather(text_states),
+                                         gather(image_embeds))
         itm = itm_hard_negative_loss(bb, enc_ids, attention_mask, text_states, image_embeds, sample_i2t, sample_t2i,
                                      same, candidates)
         return itc, itm

@@ -50,9 +50,9 @@ def full_batch(tokenizer) -> dict:
 class Probe(RetrievalModule):
     """Trains on this rank's share of the global batch and records what the test compares."""
 
-    def __init__(self, batch: dict, steps: int, **kwargs):
+    def __init__(self, batch: dict, steps: int, trim: bool = False, **kwargs):
         super().__init__(backbone=CONFIG, **kwargs)
-        self.batch, self.steps = batch, steps
+        self.batch, self.steps, self.trim = batch, steps, trim
         self.record: dict = {"loss": [], "grads": None, "momentum_image_feat": [], "momentum_text_feat": []}
         for module in self.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -74,6 +74,9 @@ class Probe(RetrievalModule):
         world, rank = self.trainer.world_size, self.trainer.global_rank
         share = 8 // world
         part = {k: v[rank * share:(rank + 1) * share] for k, v in self.batch.items()}
+        if self.trim:  # padded to this rank's longest caption, as a collate with padding='longest' does
+            length = int(part["attention_mask"].sum(1).max())
+            part["input_ids"], part["attention_mask"] = part["input_ids"][:, :length], part["attention_mask"][:, :length]
         return torch.utils.data.DataLoader([part] * self.steps, batch_size=None)  # each item a whole batch
 
     def training_step(self, batch, batch_idx):
@@ -94,6 +97,7 @@ def main(devices: int, workdir: str) -> None:
     if devices > 1:
         runs["local"] = dict(momentum=None, queue_size=0, alpha=0.0, gather=False, steps=1)
         runs["queue"] = dict(momentum=0.995, queue_size=16, alpha=0.4, gather=True, steps=2)
+        runs["equal-longest"] = dict(momentum=None, queue_size=0, alpha=0.0, gather=True, steps=1, trim=True)
         runs["queue-local"] = dict(momentum=0.995, queue_size=16, alpha=0.4, gather=False, steps=2)
     for name, settings in runs.items():
         pl.seed_everything(0)

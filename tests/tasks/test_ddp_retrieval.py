@@ -64,3 +64,12 @@ def test_without_gather_the_queue_still_holds_the_global_batch_on_every_process(
     for key, value in rank0["queue"].items():
         assert torch.equal(value, rank1["queue"][key]), key
     assert rank0["queue"]["idx_queue"].tolist() == [0, 1, 2, 3] * 4
+
+
+def test_ranks_padded_to_different_lengths_still_train_like_one_process(runs):
+    """Each rank pads to its own longest caption: the gathered ITM candidates are padded to the global
+    longest (masked), so nothing hangs and the loss and gradients are the one-process ones."""
+    one, rank0, rank1 = runs("equal", 1), runs("equal-longest", 2, 0), runs("equal-longest", 2, 1)
+    assert (rank0["loss"][0] + rank1["loss"][0]) / 2 == pytest.approx(one["loss"][0], rel=1e-5)
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(rank0["grads"][name], grad, rtol=1e-4, atol=1e-5, msg=name)
