@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mflightning.losses import (MatchCandidates, itc_itm_losses, itc_similarity, itm_hard_negative_loss,  # noqa: F401
                                 positive_targets, soft_cross_entropy)
@@ -51,7 +51,16 @@ class RetrievalModule(EvaluationLoop, TaskModule):
             global batch size works (the queue wraps around); empty slots are not read.
         alpha: weight of momentum distillation (needs ``momentum``); 0: hard positive targets.
         gather: ITC keys and ITM negatives over the global batch when several processes train;
-            False: each process's own batch only.
+            False: each process's own batch only (the queue still takes the global batch, so every
+            process holds the same one). BLIP's own code scores each process's rows against its
+            local momentum features plus the queue; with ``gather=True`` the other processes' current
+            features are keys too (the ITC of one process on the concatenated batch).
+
+    The momentum update runs once per training step (per micro-batch under gradient
+    accumulation, as BLIP's code does: the effective momentum per optimizer step is then
+    ``momentum ** k``). Under true half precision (``precision="bf16-true"``) an EMA step of
+    ``1 - 0.995`` is below bf16's resolution, so the momentum encoders hardly move: a warning says
+    so; use ``bf16-mixed``.
 
     Small runs (a few epochs on a small dataset): ``momentum=None, queue_size=0, alpha=0`` trains
     with plain in-batch ITC, as the demo and the benchmark do.
@@ -221,9 +230,18 @@ class RetrievalModule(EvaluationLoop, TaskModule):
                                      same, candidates)
         return itc, itm
 
+    def on_train_start(self) -> None:
+        if self.backbone_m is not None:
+            dtype = next(self.backbone_m.parameters()).dtype
+            if dtype in (torch.bfloat16, torch.float16):
+                rank_zero_warn(f"momentum encoders are held in {dtype}: an EMA step of {1 - float(self.momentum):g} "
+                               "is below its resolution, so they barely follow the backbone; train in mixed "
+                               "precision (bf16-mixed) instead of true half precision")
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint saved without momentum encoders or queue (older runs, or other settings) still
-        loads: the momentum encoders start from its backbone weights, the queue empty."""
+        loads: the momentum encoders start from its backbone weights, the queue empty; one saved with
+        them loads into a module without them (their tensors are dropped, with a log line)."""
         state = checkpoint.get("state_dict")
         if not isinstance(state, dict):
             return
@@ -240,6 +258,14 @@ class RetrievalModule(EvaluationLoop, TaskModule):
         if filled:
             rank_zero_info(f"[mflightning] the checkpoint has no momentum encoders / queue ({len(filled)} tensors): "
                            "momentum encoders start from its backbone, the queue empty")
+        # ... and one trained with them loads into a module without (e.g. momentum=None to evaluate): dropped
+        own = self.state_dict()
+        dropped = [k for k in state if k.startswith(("backbone_m.", "queue.")) and k not in own]
+        for name in dropped:
+            del state[name]
+        if dropped:
+            rank_zero_info(f"[mflightning] dropped the checkpoint's {len(dropped)} momentum-encoder / queue tensors "
+                           "this module does not hold (momentum=None or queue_size=0)")
 
     # ----------------------------------------------------------------- evaluation
     def _eval_step(self, batch: Mapping[str, Any]) -> None:

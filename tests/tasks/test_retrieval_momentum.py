@@ -1,4 +1,6 @@
 """RetrievalModule's momentum encoders, feature queue, momentum distillation and switches, on one process."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -179,6 +181,16 @@ def test_a_checkpoint_without_momentum_or_queue_still_loads(tokenizer):
     assert int(new.queue.filled) == 0
 
 
+def test_a_momentum_trained_checkpoint_loads_into_a_module_without_momentum(tokenizer):
+    trained = BLIP.module("retrieval", tokenizer, queue_size=4)
+    plain = BLIP.module("retrieval", tokenizer, **OFF)
+    checkpoint = {"state_dict": dict(trained.state_dict())}
+    plain.on_load_checkpoint(checkpoint)
+    plain.load_state_dict(checkpoint["state_dict"])  # strict: nothing extra, nothing missing
+    for name, p in plain.backbone.named_parameters():
+        assert torch.equal(p, trained.backbone.get_parameter(name)), name
+
+
 def test_xvlm_can_switch_the_momentum_encoders_and_queue_on(tokenizer):
     module = XVLM.module("retrieval", tokenizer, momentum=0.995, queue_size=4, alpha=0.4).eval()
     parts = {n.split(".")[1] for n in module.state_dict() if n.startswith("backbone_m.")}
@@ -198,3 +210,13 @@ def test_the_momentum_update_refuses_parameters_it_cannot_pair():
     renamed = nn.ModuleDict({"proj": nn.Linear(2, 2)})
     with pytest.raises(ValueError, match=r"2 momentum parameters have no online parameter .*proj\.weight"):
         momentum_update_(renamed, online, 0.5)
+
+
+def test_true_half_precision_momentum_encoders_are_warned_about(tokenizer):
+    module = BLIP.module("retrieval", tokenizer, queue_size=4)
+    module.backbone_m.to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="momentum encoders are held in torch.bfloat16"):
+        module.on_train_start()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BLIP.module("retrieval", tokenizer, queue_size=4).on_train_start()  # fp32: silent
