@@ -57,13 +57,19 @@ class DemoSettings:
 
     sizes: WorldSizes = field(default_factory=WorldSizes)
     world_seed: int = 0
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    # The budgets keep a first run within 5 minutes on a 2-core CPU (issue 13): on CPU a step costs about the
+    # same per example at batch 24, 48 or 96, so the time is the examples seen. Pretraining stops at 6 epochs
+    # (of the caption split), retrieval and captioning fine-tune 1 epoch (their pruned models stay far above
+    # chance); VQA, the task nearest its image-blind baseline, gets 2 epochs at batch 24: twice the steps
+    # of batch 48 for the same examples. Its pruned model ends at most 5 points above the blind prior with
+    # every VQA budget tried (up to 5 epochs), mostly below the clear 5-point margin issue 13 asks for.
+    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(epochs=6))
     calibration_batches: int = 32
     calibration_batch_size: int = 32
     tasks: dict[str, TaskSettings] = field(default_factory=lambda: {
-        "retrieval": TaskSettings(epochs=2, lr=2e-4),
-        "captioning": TaskSettings(epochs=2, lr=3e-4),
-        "vqa": TaskSettings(epochs=5, lr=5e-4),
+        "retrieval": TaskSettings(epochs=1, lr=3e-4),
+        "captioning": TaskSettings(epochs=1, lr=5e-4),
+        "vqa": TaskSettings(epochs=2, lr=1e-3, batch_size=24),
     })
     k_test: int = 16
     seed: int = 0
