@@ -97,8 +97,9 @@ def pil_calibration_transform(image_size: int, scale: tuple[float, float], augme
 class _ProcessorCall:
     """The shared processor call and its checks (the text options of every batch)."""
 
-    def __init__(self, processor: Any, max_length: int | None, prompt: str | None, padding: str | bool,
-                 truncation: bool, processor_kwargs: Mapping[str, Any] | None):
+    def __init__(self, processor: Any, max_length: int | None = 30, prompt: str | None = None,
+                 padding: str | bool = "max_length", truncation: bool = True,
+                 processor_kwargs: Mapping[str, Any] | None = None, raw_captions: bool = False):
         if isinstance(padding, str) and padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS} or a bool, got {padding!r}")
         if padding == "max_length" and max_length is None:
@@ -111,6 +112,7 @@ class _ProcessorCall:
         self.padding = padding
         self.truncation = truncation
         self.processor_kwargs = dict(processor_kwargs or {})
+        self.raw_captions = raw_captions
 
     def text_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"padding": self.padding, "truncation": self.truncation}
@@ -147,12 +149,6 @@ class ProcessorCalibrationCollate(_ProcessorCall):
             the project's cleaned (lowercased, punctuation-stripped) text.
     """
 
-    def __init__(self, processor: Any, max_length: int | None = 30, prompt: str | None = None,
-                 padding: str | bool = "max_length", truncation: bool = True,
-                 processor_kwargs: Mapping[str, Any] | None = None, raw_captions: bool = False):
-        super().__init__(processor, max_length, prompt, padding, truncation, processor_kwargs)
-        self.raw_captions = raw_captions
-
     def __call__(self, items: list[dict | None]) -> dict[str, Any]:  # type: ignore[override]
         items = _present(items)
         texts = [apply_prompt(self.prompt, i["raw_text" if self.raw_captions else "text"]) for i in items]
@@ -165,12 +161,6 @@ class ProcessorRetrievalCollate(_ProcessorCall):
 
     Args: as `ProcessorCalibrationCollate` (`raw_captions`: the records' captions, stripped).
     """
-
-    def __init__(self, processor: Any, max_length: int | None = 64, prompt: str | None = None,
-                 padding: str | bool = "max_length", truncation: bool = True,
-                 processor_kwargs: Mapping[str, Any] | None = None, raw_captions: bool = False):
-        super().__init__(processor, max_length, prompt, padding, truncation, processor_kwargs)
-        self.raw_captions = raw_captions
 
     def __call__(self, items: list[dict | None]) -> dict[str, Any]:  # type: ignore[override]
         items = _present(items)
