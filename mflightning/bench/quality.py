@@ -243,6 +243,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs/bench/quality", help="output folder (runs, masks, JSON, tables, plots)")
     parser.add_argument("--cache-dir", default="outputs/cache", help="where worlds and pretrained models are kept")
     parser.add_argument("--tiny", action="store_true", help="seconds-long plumbing check (other size flags ignored)")
+    parser.add_argument("--scale", choices=("cpu", "gpu"), default="cpu",
+                        help="gpu: QualitySettings.gpu() sizes for one GPU (224 px, 4x256 models, seeds 0 1 2; the size, "
+                             "seed, epoch and lr flags are ignored; --models/--methods/--sparsities/--tasks/"
+                             "--world-seed/--pattern and --budget apply); not yet run on a GPU")
     parser.add_argument("--models", nargs="+", default=list(d.models), choices=MODELS)
     parser.add_argument("--methods", nargs="+", default=list(d.methods), choices=list(METHODS))
     parser.add_argument("--sparsities", nargs="+", type=float, default=list(d.sparsities))
@@ -279,6 +283,13 @@ def settings_from_args(args: argparse.Namespace) -> QualitySettings:
     """QualitySettings from parsed flags (`--tiny`: `QualitySettings.tiny()`, the other flags ignored)."""
     if args.tiny:
         return QualitySettings.tiny()
+    if getattr(args, "scale", "cpu") == "gpu":
+        gpu = QualitySettings.gpu(models=tuple(args.models), methods=tuple(args.methods),
+                                  sparsities=tuple(args.sparsities), tasks=tuple(args.tasks),
+                                  world_seed=args.world_seed, pattern=args.pattern)
+        for model, task, name, value in args.budget:
+            set_budget(gpu.budgets, model, task, name, value)
+        return gpu
     return QualitySettings(
         models=tuple(args.models), methods=tuple(args.methods), sparsities=tuple(args.sparsities),
         seeds=tuple(args.seeds), tasks=tuple(args.tasks), world_seed=args.world_seed, sizes=args.world_sizes,

@@ -186,6 +186,25 @@ class QualitySettings:
                    budgets={m: {t: TaskSettings(epochs=1, lr=5e-4, batch_size=8) for t in TASKS} for m in MODELS},
                    calibration_batches=1, calibration_batch_size=8, pretrain_batch_size=8, k_test=4)
 
+    @classmethod
+    def gpu(cls, **grid) -> "QualitySettings":
+        """Sizes for one GPU (`--scale gpu`): a 10x larger world at 224 px (patch 16), models 4 layers x 256
+        wide with 4 heads, longer pretraining and fine-tuning, 3 seeds. `grid` (models, methods,
+        sparsities, seeds, tasks, world_seed, pattern) overrides the grid. Not run yet: no GPU was lent
+        to the sessions that wrote it, so its run time is unmeasured."""
+        task = {"retrieval": TaskSettings(epochs=6, lr=3e-4, batch_size=64),
+                "captioning": TaskSettings(epochs=6, lr=3e-4, batch_size=64),
+                "vqa": TaskSettings(epochs=16, lr=5e-4, batch_size=64)}
+        settings = dict(seeds=(0, 1, 2),
+                        sizes=WorldSizes(calibration=8000, train=1600, val=1, test=500, vqa_train=1600, vg=500,
+                                         vqa_test=500, questions_per_image=3),
+                        image_size=224, patch_size=16, hidden_size=256, layers=4, heads=4, pretrain_epochs=40,
+                        pretrain_batch_size=128, pretrain_lrs={"blip": 5e-4, "xvlm": 1e-3},
+                        budgets={m: dict(task) for m in MODELS}, calibration_batches=32, calibration_batch_size=64,
+                        k_test=64)
+        settings.update({k: v for k, v in grid.items() if v is not None})
+        return cls(**settings)
+
 
 
 # ---------------------------------------------------------------------------------------- the grid

@@ -219,3 +219,18 @@ def test_pretraining_lr_is_per_model_and_the_flag_sets_every_one():
     assert flagged.pretrain_lrs == {"blip": 5e-4, "xvlm": 5e-4}
     with pytest.raises(ValueError, match="pretrain_lrs: 'clip'"):
         QualitySettings(pretrain_lrs={"clip": 1e-3})
+
+
+def test_the_gpu_scale_is_a_valid_larger_setting_and_keeps_grid_and_budget_flags():
+    import argparse
+
+    from mflightning.bench.quality import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    s = settings_from_args(parser.parse_args(["--scale", "gpu", "--models", "blip", "--sparsities", "0.9",
+                                              "--budget", "blip.vqa.epochs=20", "--hidden-size", "8"]))
+    assert (s.image_size, s.patch_size, s.hidden_size, s.layers) == (224, 16, 256, 4)  # size flags ignored
+    assert s.models == ("blip",) and s.sparsities == (0.9,) and s.seeds == (0, 1, 2)
+    assert s.budget("blip", "vqa").epochs == 20 and s.budget("blip", "retrieval").epochs == 6
+    assert s.sizes.train > 10 * QualitySettings().sizes.train // 2
