@@ -44,6 +44,7 @@ from mflightning.models.blip_checkpoints import (
     check_missing,
     fit_position_embeddings,
     load_mapped,
+    read_decoder_state,
     set_tied,
 )
 from mflightning.models.blip_config import as_blip_config
@@ -338,11 +339,12 @@ def _decoder_tied_in_file(state: Mapping[str, torch.Tensor]) -> bool:
 
 def original_decoder_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The ``text_decoder.*`` tensors of an original checkpoint (for ``decoder_from=``); the rest is not read."""
-    mapped, _, _ = convert_original_state(read_original_state(path), str(path))
+    original = read_original_state(path)
+    mapped, _, _ = convert_original_state(original, str(path))
     decoder = {k: v for k, v in mapped.items() if k.startswith("text_decoder.")}
-    if not decoder:
+    if not decoder:  # the kind is read from the original names (visual_encoder.*), not the mapped ones
         raise ValueError(f"{path}: decoder_from= names a checkpoint without text_decoder.* tensors "
-                         f"({checkpoint_kind(mapped)})")
+                         f"({checkpoint_kind(original)})")
     log.info("%s: taking its %d text_decoder.* tensors as the decoder; its other %d tensors are not used",
              path, len(decoder), len(mapped) - len(decoder))
     return decoder
@@ -354,8 +356,6 @@ def load_original(
     tie_decoder: bool | None, hub_kwargs: Mapping[str, Any],
 ) -> "BlipBackbone":
     """``BlipBackbone.from_pretrained`` for an original ``.pth`` file (documented there)."""
-    from mflightning.models.blip_checkpoints import read_decoder_state
-
     source = str(path)
     original = read_original_state(path)
     kind = checkpoint_kind(original)

@@ -189,7 +189,7 @@ def test_bare_state_dict_file_loads(tmp_path, pretraining):
     torch.save(torch.load(path, weights_only=True)["model"], bare)
     a = BlipBackbone.from_pretrained(path, config=config()).state_dict()
     b = BlipBackbone.from_pretrained(bare, config=config()).state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ----------------------------------------------------------------------------- checkpoint types
@@ -213,6 +213,9 @@ def test_retrieval_checkpoint_needs_a_decoder_source_or_allow_missing(tmp_path):
     assert torch.equal(mine["vision_model.post_layernorm.weight"], vision.post_layernorm.weight)
     assert torch.equal(mine["text_encoder.encoder.layer.1.output.dense.weight"],
                        encoder.encoder.layer[1].output.dense.weight)
+    # a decoder_from= file without a decoder is an error saying what kind of file it is
+    with pytest.raises(ValueError, match=r"without text_decoder.*\(retrieval fine-tune\)"):
+        BlipBackbone.from_pretrained(path, config=config(), decoder_from=path)
 
 
 def test_captioning_and_vqa_checkpoints_lack_parts_explicitly(tmp_path, caplog):
