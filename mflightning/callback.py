@@ -15,8 +15,8 @@ bool per local prunable weight.
 Copies of the masked weights take their sources' masks by rule (`MaskKeeper`): the copies the module
 declares (`pruning_copies = {"backbone_m.": "backbone."}`, e.g. RetrievalModule's momentum encoders;
 never scored) and whole-module copies other callbacks hold (Lightning's `WeightAveraging` /
-`EMAWeightAveraging` deep-copy the module in `setup`, before pruning). They are zeroed once pruned,
-after every training batch and epoch, and at train end, so none revives a pruned weight.
+`EMAWeightAveraging` deep-copy the module in `setup`, before pruning). They are zeroed once pruned and
+at train end; in between an average of zeros stays zero, so none revives a pruned weight.
 
 Supported strategies: one device, DDP (every start method), and FSDP2 through
 `ModelParallelStrategy` (`fully_shard` in `configure_model`; masks are sharded like their
@@ -169,17 +169,6 @@ class MultiFlowCallback(Callback):
         """Zero the gradients of pruned weights, before gradient clipping and the step."""
         if self._keeper is not None:
             self._keeper.zero_gradients(optimizer)
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        """Re-zero the copies of masked weights (momentum encoders, EMA models) after this batch's updates."""
-        if self._keeper is not None and self._keeper.copies:
-            self._keeper.zero_copies()
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Re-zero the copies after the epoch-end updates (an averaging callback may update then)."""
-        if self._keeper is not None and self._keeper.copies:
-            self._keeper.zero_copies()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Re-zero the weights and their copies: an averaging callback copies its weights back into the
