@@ -222,15 +222,6 @@ def _adapter(preset: str) -> Callable[[nn.Module], CalibrationAdapter]:
     return build
 
 
-def calibration_forward(model: nn.Module, batch: Any) -> Any:
-    """`forward(model, batch)` for any model holding one recognised family (what `prune()` and the callback
-    use by default), for a user's own forward to wrap or for a preset given by a regex map."""
-    preset = recognise(model)
-    if preset is None:
-        raise ValueError(f"{type(model).__name__} holds no transformers model of the families {sorted(FAMILIES)}")
-    return _adapter(preset)(model).forward(model, batch)
-
-
 # ------------------------------------------------------------------------------- unused layers
 
 

@@ -99,10 +99,11 @@ def prune(
     preset = config.modalities if isinstance(config.modalities, str) else None
     if config.modalities is None:
         preset = recognise_preset(model)
-    # the preset's calibration adapter (a transformers family's forward on processor batches); the user's win
-    adapter = calibration_adapter(model, preset) if calibration is not None else None
+    # the preset's calibration adapter (a transformers family's forward on processor batches), only when no
+    # forward is given: a user's forward runs any model, also one the adapter could not (e.g. a look-alike)
+    adapter = calibration_adapter(model, preset) if calibration is not None and forward is None else None
     if adapter is not None:
-        forward = forward or adapter.forward
+        forward = adapter.forward
         token_mask = token_mask or adapter.token_mask
     group_spec = resolve_modalities(
         # declared copies (momentum / EMA encoders, `pruning_copies`) take their source's masks, unscored
