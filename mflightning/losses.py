@@ -89,7 +89,7 @@ class MatchCandidates:
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    text_states: torch.Tensor
+    text_states: torch.Tensor | None  # None: the backbone's ITM re-reads the texts (BLIP), nothing to carry
     image_embeds: torch.Tensor
 
 
@@ -113,7 +113,9 @@ def itm_hard_negative_loss(
         img_rows, neg_text = sample_hard_negatives(sim_i2t.detach(), same_image)  # a negative caption per image
     text_ids = torch.cat([enc_ids, enc_ids[txt_rows], candidates.input_ids[neg_text]])
     text_mask = torch.cat([attention_mask, attention_mask[txt_rows], candidates.attention_mask[neg_text]])
-    states = torch.cat([text_states, text_states[txt_rows], candidates.text_states[neg_text]])
+    states = None
+    if text_states is not None and candidates.text_states is not None:
+        states = torch.cat([text_states, text_states[txt_rows], candidates.text_states[neg_text]])
     images = torch.cat([image_embeds, candidates.image_embeds[neg_image], image_embeds[img_rows]])
     logits = backbone.match_logits(text_ids, text_mask, images, text_states=states)
     labels = torch.zeros(logits.size(0), dtype=torch.long, device=logits.device)

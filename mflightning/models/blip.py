@@ -121,6 +121,7 @@ class BlipBackbone(nn.Module):
     """
 
     pruning_preset = PRESET_NAME
+    match_reads_text_states = False  # ITM re-encodes the text with cross-attention: no states to gather
 
     def __init__(
         self, config: BlipConfig | Mapping[str, Any], temp: float = DEFAULT_TEMP, tie_decoder: bool | None = None

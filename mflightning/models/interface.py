@@ -90,7 +90,9 @@ class VisionLanguageBackbone(Protocol):
     def match_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor,
                      text_states: torch.Tensor | None = None) -> torch.Tensor:
         """ITM logits ``(B, 2)`` of text b with image b. ``text_states``: the texts' ``encode_text`` states
-        when the caller has them (a backbone whose ITM reads them reuses them instead of re-encoding)."""
+        when the caller has them (a backbone whose ITM reads them reuses them instead of re-encoding). A
+        backbone whose ITM never reads them may say so with ``match_reads_text_states = False`` (BLIP):
+        retrieval training then does not gather them across processes."""
         ...
 
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, encoder_states: torch.Tensor,

@@ -223,8 +223,13 @@ class RetrievalModule(EvaluationLoop, TaskModule):
         candidates = None
         if many:  # every rank's texts padded to the longest (padding is masked out), then gathered
             enc_ids, attention_mask = pad_length(enc_ids, length), pad_length(attention_mask, length)
-            text_states = pad_length(text_states, length)
-            candidates = MatchCandidates(gather(enc_ids), gather(attention_mask), gather(text_states),
+            # the text states travel only to a backbone whose ITM reads them (XVLM's fusion); BLIP re-encodes
+            if getattr(bb, "match_reads_text_states", True):
+                text_states = pad_length(text_states, length)
+                gathered_states = gather(text_states)
+            else:
+                text_states = gathered_states = None
+            candidates = MatchCandidates(gather(enc_ids), gather(attention_mask), gathered_states,
                                          gather(image_embeds))
         itm = itm_hard_negative_loss(bb, enc_ids, attention_mask, text_states, image_embeds, sample_i2t, sample_t2i,
                                      same, candidates)
