@@ -36,12 +36,26 @@ def test_quality_benchmark_tiny_writes_runs_tables_and_plots(tmp_path, capsys):
     for task in ("retrieval", "captioning", "vqa", "cross_task"):
         png = out / f"quality_{task}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "6/6 blip vqa multiflow@0.75-s0" in capsys.readouterr().out
+    assert "2/2 blip vqa multiflow@0.75-s0" in capsys.readouterr().out
 
     # Resume: every run is read back, nothing is fine-tuned again.
     main(["quality", "--tiny", "--out", str(out), "--cache-dir", str(cache), "--threads", "1"])
-    assert capsys.readouterr().out.count(": cached") == 6
+    assert "2 of 2 backbones cached; 0 to run" in capsys.readouterr().out
     assert json.loads((out / "quality.json").read_text())["runs"] == runs
+
+    # Two worker processes (one thread each) give the same runs as one process with one thread; a
+    # missing run is redone, the others are read back.
+    parallel = tmp_path / "parallel"
+    main(["quality", "--tiny", "--out", str(parallel), "--cache-dir", str(cache), "--jobs", "2"])
+    assert "in 2 processes" in capsys.readouterr().out
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "mask_seconds")} for r in rows]
+    assert strip(json.loads((parallel / "quality.json").read_text())["runs"]) == strip(runs)
+    (parallel / "runs" / "blip" / "vqa" / "dense@0-s0.json").unlink()
+    main(["quality", "--tiny", "--out", str(parallel), "--cache-dir", str(cache), "--jobs", "2"])
+    shown = capsys.readouterr().out
+    assert "1 of 2 backbones cached; 1 to run" in shown and "blip vqa dense@0-s0" in shown
+    assert "blip retrieval dense@0-s0" not in shown
+    assert strip(json.loads((parallel / "quality.json").read_text())["runs"]) == strip(runs)
 
 
 def test_tables_show_mean_std_and_mark_best_pruned():
