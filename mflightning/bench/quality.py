@@ -12,7 +12,10 @@ CIDEr) and VQA (accuracy), once per fine-tuning seed. Writes into `--out`:
   paper's: rows = methods, column groups = sparsity x metrics; best pruned value bold, second
   underlined) and `quality_<task>.png` (metric against sparsity, one line per method), headed by
   the cross-task summary (normalised score and mean rank per method) and its plot
-  `quality_cross_task.png` (the paper's Figure 3).
+  `quality_cross_task.png` (the paper's Figure 3), and each dense model checked against its task's
+  image-blind level (`reference` in the JSON).
+Backbones are pretrained in this process, then fine-tuned `--jobs` at a time in one-thread worker
+processes (the default: one per free core).
 
 The models come from `mflightning.families` (the demo's builders; one registered family per
 `--models` choice), the grid and settings from `quality_settings.py`, the tables and plots from
@@ -32,12 +35,14 @@ from typing import Any, Callable
 
 import torch
 
+from mflightning.baselines import chance_and_blind
 from mflightning.data.synthetic import WorldSizes, generate_world
 from mflightning.families import BackboneFamily, calibration_loader, fit_and_test, get_family, task_datamodule
 from mflightning.pretrain import pretrain_record
 from mflightning.runtime import free_cores, quiet_libraries
 
-from .quality_report import cross_task, cross_task_table, markdown_tables, plot_cross_task, plot_quality, summarise
+from .quality_report import (cross_task, cross_task_table, dense_check, markdown_tables, plot_cross_task,
+                             plot_quality, summarise)
 from .quality_settings import (  # noqa: F401  (importable from here as before)
     METHODS,
     METRICS,
@@ -156,12 +161,16 @@ def run_benchmark(out: str | os.PathLike, cache_dir: str | os.PathLike, s: Quali
                 log(f"[quality] {i}/{len(pending)} backbones done [{time.perf_counter() - started:.0f}s total]")
     shutil.rmtree(out / "work", ignore_errors=True)
     runs = collect_runs(out, s)
+    chance, blind = chance_and_blind(world)
     report = {"settings": asdict(s), "runs": runs, "summary": summarise(runs), "cross_task": cross_task(runs, s),
+              "reference": {"chance": chance, "image_blind": blind},
               "wall_seconds": round(time.perf_counter() - started, 1),  # this invocation (cached runs are skipped)
               "run_seconds_total": round(sum(r["seconds"] + r.get("mask_seconds", 0.0) for r in runs), 1),
               "jobs": jobs}
     (out / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "quality.md").write_text("## Across tasks\n\n" + cross_task_table(report["cross_task"], s)
+                                    + "\n\n## Dense against the image-blind level\n\n"
+                                    + dense_check(report["summary"], blind, s)
                                     + "\n\n## Per task\n\n" + markdown_tables(report["summary"], s) + "\n")
     plots = [plot_cross_task(report["cross_task"], s, out), *plot_quality(report["summary"], s, out)]
     log(f"[quality] wrote {out / 'quality.json'}, {out / 'quality.md'}, " + ", ".join(str(p) for p in plots)
@@ -335,10 +344,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive(int), default=None, help="shorthand: batch size of every model and task")
     parser.add_argument("--lr", type=_positive(float), default=None,
                         help="shorthand: fine-tuning learning rate of every model and task")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: free cores; 1 with --jobs > 1)")
-    parser.add_argument("--jobs", type=_positive(int), default=1,
-                        help="backbones fine-tuned at once, each in its own process with one thread "
-                             "(2 on 2 cores is about twice as fast as --threads 2)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: free cores; with --jobs > 1, of the pretraining only)")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="backbones fine-tuned at once, each in its own process with one thread (default: "
+                             "the free cores, or 1 with a GPU); on 2 cores 2 jobs are about twice as fast as 1")
     parser.add_argument("--pattern", default=None,
                         help="N:M pattern for every method (e.g. 2:4; --sparsities is then 1 - N/M; use its own --out)")
 
@@ -367,7 +376,10 @@ def settings_from_args(args: argparse.Namespace) -> QualitySettings:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     quiet_libraries()
     jobs = getattr(args, "jobs", 1)
-    torch.set_num_threads(args.threads or (1 if jobs > 1 else free_cores()))
+    if jobs < 0:
+        raise SystemExit(f"--jobs must be >= 0 (0: the free cores), got {jobs}")
+    jobs = jobs or (1 if torch.cuda.is_available() else free_cores())
+    torch.set_num_threads(args.threads or free_cores())  # with --jobs, for pretraining (workers take one each)
     settings = settings_from_args(args)
     print(f"[quality] {torch.get_num_threads()} torch thread(s), {jobs} job(s); grid: {len(grid(settings))} backbones x "
           f"{len(settings.tasks)} tasks x {len(settings.seeds)} seeds", flush=True)

@@ -65,6 +65,34 @@ def _cell(stat: dict | None, mark: str = "") -> str:
     return {"best": f"**{text}**", "second": f"<u>{text}</u>"}.get(mark, text)
 
 
+# How far above its image-blind level a dense model must be for its column to say anything: retrieval R@1
+# at least 5x the random ranking's, every other headline metric 5 points above the blind guess (issue 13).
+RETRIEVAL_FACTOR, BLIND_MARGIN = 5.0, 5.0
+
+
+def dense_check(summary: list[dict], blind: dict[str, dict[str, float]], s: QualitySettings) -> str:
+    """A markdown table: each model's dense headline metrics against the image-blind level (and whether it is
+    clear of it: R@1 >= 5x the random ranking, other metrics >= 5 points above the blind guess)."""
+    by = {(e["model"], e["task"], e["method"]): e for e in summary if e["sparsity"] is None}
+    lines = ["| Model | Task | Metric | Dense model | Image-blind | Clear of it |", "|---|---|---|---|---|---|"]
+    for model in s.models:
+        for task in s.tasks:
+            entry = by.get((model, task, "dense"))
+            for key in HEADLINE[task]:
+                level = blind.get(task, {}).get(key)
+                if entry is None or level is None or key not in entry["metrics"]:
+                    continue
+                dense = entry["metrics"][key]["mean"]
+                if task == "retrieval":
+                    ok, need = dense >= RETRIEVAL_FACTOR * level, f">= {RETRIEVAL_FACTOR:g}x: {dense / level:.1f}x"
+                else:
+                    ok, need = dense >= level + BLIND_MARGIN, f">= +{BLIND_MARGIN:g}: {dense - level:+.1f}"
+                label = dict(METRICS[task]).get(key, key)
+                lines.append(f"| {model.upper()} | {task} | {label} | {_cell(entry['metrics'][key])} | {level:.2f} | "
+                             f"{'yes' if ok else '**no**'} ({need}) |")
+    return "\n".join(lines)
+
+
 def markdown_tables(summary: list[dict], s: QualitySettings) -> str:
     """One table per (task, model): rows = methods, column groups = sparsity x the task's metrics."""
     by = {(e["model"], e["task"], e["method"], e["sparsity"]): e for e in summary}

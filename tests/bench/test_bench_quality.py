@@ -31,6 +31,8 @@ def test_quality_benchmark_tiny_writes_runs_tables_and_plots(tmp_path, capsys):
     # one row per task table, plus MultiFlow's row in the cross-task summary (dense is its reference)
     assert table.count("| Dense |") == 3 and table.count("| MultiFlow |") == 4
     assert table.startswith("## Across tasks") and "### Across tasks: BLIP" in table
+    assert "## Dense against the image-blind level" in table and "| BLIP | vqa | VQA acc |" in table
+    assert set(report["reference"]["image_blind"]) == {"retrieval", "captioning", "vqa"}
     assert "| Method | score 75% | rank 75% |" in table
     assert report["cross_task"] == [] or {e["method"] for e in report["cross_task"]} == {"multiflow"}
     for task in ("retrieval", "captioning", "vqa", "cross_task"):
@@ -248,3 +250,17 @@ def test_the_gpu_scale_is_a_valid_larger_setting_and_keeps_grid_and_budget_flags
     assert s.models == ("blip",) and s.sparsities == (0.9,) and s.seeds == (0, 1, 2)
     assert s.budget("blip", "vqa").epochs == 20 and s.budget("blip", "retrieval").epochs == 6
     assert s.sizes.train > 10 * QualitySettings().sizes.train // 2
+
+
+def test_dense_check_applies_the_retrieval_factor_and_the_blind_margin():
+    from mflightning.bench.quality_report import dense_check
+
+    s = QualitySettings(models=("blip",), methods=("dense",), sparsities=(0.75,), seeds=(0, 1))
+    runs = _runs("blip", {("retrieval", "dense", None): [10.0, 10.0], ("captioning", "dense", None): [60.0, 60.0],
+                          ("vqa", "dense", None): [50.0, 52.0]})
+    blind = {"retrieval": {"txt_r1": 1.67, "img_r1": 2.5}, "captioning": {"cider": 55.0}, "vqa": {"vqa_acc": 46.0}}
+    table = dense_check(summarise(runs), blind, s)
+    assert "| BLIP | retrieval | TR@1 | 10.00±0.00 | 1.67 | yes (>= 5x: 6.0x) |" in table
+    assert "| BLIP | retrieval | IR@1 | 10.00±0.00 | 2.50 | **no** (>= 5x: 4.0x) |" in table
+    assert "| BLIP | captioning | CIDEr | 60.00±0.00 | 55.00 | yes (>= +5: +5.0) |" in table
+    assert "| BLIP | vqa | VQA acc | 51.00±1.41 | 46.00 | yes (>= +5: +5.0) |" in table
