@@ -39,6 +39,9 @@ class _ImageDataset(Dataset):
         self.transform = transform
         self.skip_bad_records = skip_bad_records
         self.num_load_failures = 0
+        # When set, item i's random transform draws from torch's RNG seeded with (augment_seed, i) and the
+        # global RNG is left as it was: the same crops every pass, in any process or loader worker.
+        self.augment_seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -57,7 +60,11 @@ class _ImageDataset(Dataset):
             log.warning("skipping record (%d load failures in this process so far): %s",
                         self.num_load_failures, message)
             return None
-        return self.transform(image)
+        if self.augment_seed is None:
+            return self.transform(image)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.augment_seed * 1_000_003 + index)
+            return self.transform(image)
 
 
 class ImageTextDataset(_ImageDataset):

@@ -56,6 +56,28 @@ def test_calibration_batches_and_seeded_order(tiny_world):
     assert len(list(dm.train_dataloader())) == 2  # pretraining: 8 pairs, batch 3, last partial dropped
 
 
+def test_calibration_crops_are_seeded_per_item_and_leave_the_global_rng_alone(tiny_world):
+    """Random crops (the pretraining transform) repeat exactly whatever ran before, and in loader workers;
+    another seed gives other crops; drawing them does not move torch's global RNG."""
+    def images(seed, workers=0):
+        dm = CalibrationDataModule(tiny_world.calibration, tiny_world.image_root, tokenizer=tiny_world.vocab,
+                                   image_size=SIZE, batch_size=4, num_workers=workers, max_length=L, seed=seed,
+                                   crop_scale=(0.2, 1.0))
+        return torch.cat([b["image"] for b in dm.calibration_dataloader()])
+
+    torch.manual_seed(1)
+    first = images(0)
+    torch.rand(7)  # other draws from the global RNG in between
+    assert torch.equal(images(0), first)
+    assert torch.equal(images(0, workers=2), first)
+    assert not torch.equal(images(1), first)
+    dataset = CalibrationDataModule(tiny_world.calibration, tiny_world.image_root, tokenizer=tiny_world.vocab,
+                                    image_size=SIZE, max_length=L, crop_scale=(0.2, 1.0)).dataset("calibration")
+    state = torch.get_rng_state()
+    dataset[0], dataset[1]
+    assert torch.equal(torch.get_rng_state(), state)  # an item's crop does not consume the global RNG
+
+
 def test_calibration_text_is_the_cleaned_caption(tiny_world):
     dm = CalibrationDataModule(tiny_world.calibration, tiny_world.image_root, tokenizer=tiny_world.vocab,
                                image_size=SIZE, batch_size=8, num_workers=0, max_length=30)

@@ -92,6 +92,14 @@ def test_calibration_crops_come_before_the_processor(tiny_world, processor):
     assert cropped["pixel_values"].shape == whole["pixel_values"].shape == (8, 3, 16, 16)  # the processor's size
     assert not torch.allclose(cropped["pixel_values"], whole["pixel_values"])
     assert torch.equal(cropped["input_ids"], whole["input_ids"])  # same order and captions
+    torch.rand(5)  # the crops are seeded per item, not drawn from the global RNG
+    assert torch.equal(next(iter(loader))["pixel_values"], cropped["pixel_values"])
+    dm = ProcessorDataModule(processor, image_root=tiny_world.image_root, num_workers=0,
+                             calibration=CalibrationConfig(tiny_world.calibration, batch_size=8, image_size=24,
+                                                           max_length=MAX_LENGTH, crop_scale=(0.2, 0.3)))
+    first = next(iter(dm.calibration_dataloader()))["pixel_values"]
+    torch.rand(5)
+    assert torch.equal(next(iter(dm.calibration_dataloader()))["pixel_values"], first)
 
 
 def test_calibration_shards_split_the_batches_without_overlap(tiny_world, processor):
