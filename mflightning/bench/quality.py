@@ -222,8 +222,24 @@ def run_backbone(out: Path, s: QualitySettings, unit: tuple[str, str, float | No
 
 
 def _init_worker() -> None:
+    _exit_with_parent()
     quiet_libraries()
     torch.set_num_threads(1)
+
+
+def _exit_with_parent() -> None:
+    """On Linux, kill this worker when the benchmark process dies (killed or interrupted): an orphaned
+    worker would go on writing masks and runs into the output folder. Elsewhere a no-op."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no half-written run (atomic)
+    except (OSError, AttributeError):
+        return
 
 
 def _run_backbone_quietly(*args) -> list[str]:

@@ -264,3 +264,37 @@ def test_dense_check_applies_the_retrieval_factor_and_the_blind_margin():
     assert "| BLIP | retrieval | IR@1 | 10.00±0.00 | 2.50 | **no** (>= 5x: 4.0x) |" in table
     assert "| BLIP | captioning | CIDEr | 60.00±0.00 | 55.00 | yes (>= +5: +5.0) |" in table
     assert "| BLIP | vqa | VQA acc | 51.00±1.41 | 46.00 | yes (>= +5: +5.0) |" in table
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_a_busy_worker_dies_with_the_benchmark_process(tmp_path):
+    """A killed benchmark leaves no worker fine-tuning on into its output folder."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing, os, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from mflightning.bench.quality import _init_worker\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'), initializer=_init_worker)\n"
+        "    open(sys.argv[1], 'w').write(str(pool.submit(os.getpid).result()))\n"
+        "    pool.submit(time.sleep, 60)\n"
+        "    time.sleep(1)\n"
+        "    os._exit(0)  # dies without shutting the pool down, as when killed\n")
+    pid_file = tmp_path / "worker.pid"  # not a pipe: an orphan holding it open would block the wait
+    subprocess.run([sys.executable, str(script), str(pid_file)], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=120, check=True)
+    worker = int(pid_file.read_text())
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(worker, 9)
+    pytest.fail(f"worker {worker} outlived its parent by 20 s")
