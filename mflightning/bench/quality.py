@@ -109,8 +109,7 @@ def run_benchmark(out: str | os.PathLike, cache_dir: str | os.PathLike, s: Quali
     """Run (or resume) the whole grid; write quality.json, quality.md and the plots; return the report.
 
     `jobs` > 1 fine-tunes that many backbones (model, method, sparsity) at once, each in its own
-    process with one torch thread: these models are too small for two threads to share one run
-    well (one thread per run is about twice the throughput of two threads on one run, 2 cores).
+    process with one torch thread (on 2 cores, two jobs each ran as fast as one run alone).
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
