@@ -90,8 +90,9 @@ def compute_masks_for(family: BackboneFamily, method: str, sparsity: float, back
     import lightning as L
 
     spec = METHODS[method]
-    # The calibration images are randomly cropped (the pretraining transform) from the global RNG: seeded
-    # here, a backbone's masks do not depend on what this process ran before (or on which worker runs it).
+    # Seeded here, a backbone's masks do not depend on what this process ran before or on which worker
+    # runs it (SNIP's pretraining loss samples ITM hard negatives from the global RNG; the calibration crops
+    # are seeded per item).
     L.seed_everything(0, workers=True, verbose=False)
     started = time.perf_counter()
     loss = family.pruning_loss(backbone, vocab) if spec.method in ("snip", "itersnip") else None
