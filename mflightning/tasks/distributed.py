@@ -51,12 +51,7 @@ def to_cpu(tensor: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- training-time gathers
 def gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
     """Every process's ``n`` (e.g. its batch size), in rank order: ``[n]`` on one process."""
-    if world_size() == 1:
-        return [int(n)]
-    mine = torch.tensor([int(n)], dtype=torch.long, device=device)
-    out = [torch.empty_like(mine) for _ in range(world_size())]
-    dist.all_gather(out, mine)
-    return [int(t.item()) for t in out]
+    return [size for (size,) in gather_shapes(n, device=device)]
 
 
 def gather_shapes(*dims: int, device: torch.device | str = "cpu") -> list[tuple[int, ...]]:
