@@ -209,9 +209,8 @@ class VLDataModule(L.LightningDataModule):
             )
         transform = build_train_transform(config.image_size, config.crop_scale, self.augment, self.hflip)
         image_root = os.fspath(config.image_root or self.image_root)
-        dataset = ImageTextDataset(config.json, image_root, transform, self.skip_bad_records)
-        dataset.augment_seed = self.seed  # the same masks from the same calibration data, whatever ran before
-        return dataset
+        # crops seeded per item: the same masks from the same calibration data, whatever ran before
+        return ImageTextDataset(config.json, image_root, transform, self.skip_bad_records, augment_seed=self.seed)
 
     def _records(self, split: str) -> JsonArg:
         """The records file(s) of a task split (`<split>_json`), with an error naming the argument when absent."""

@@ -34,14 +34,15 @@ JsonPaths = str | os.PathLike | Sequence[str | os.PathLike]
 class _ImageDataset(Dataset):
     """Shared image loading: decode errors name the image and its record; skip mode returns None."""
 
-    def __init__(self, items: list[Loaded], transform: Callable, skip_bad_records: bool):
+    def __init__(self, items: list[Loaded], transform: Callable, skip_bad_records: bool,
+                 augment_seed: int | None = None):
         self.items = items
         self.transform = transform
         self.skip_bad_records = skip_bad_records
         self.num_load_failures = 0
         # When set, item i's random transform draws from torch's RNG seeded with (augment_seed, i) and the
         # global RNG is left as it was: the same crops every pass, in any process or loader worker.
-        self.augment_seed: int | None = None
+        self.augment_seed = augment_seed
 
     def __len__(self) -> int:
         return len(self.items)
@@ -71,13 +72,14 @@ class ImageTextDataset(_ImageDataset):
     """Image-caption pairs, one item per caption (calibration, pretraining, Karpathy train).
 
     Items: `image`, `text` (prompt + cleaned caption), `image_idx` (consecutive index of the
-    image, from `image_id` when records have one, else from the image path).
+    image, from `image_id` when records have one, else from the image path). `augment_seed`: item i's
+    random transform is seeded with (augment_seed, i) (calibration: the same crops every pass).
     """
 
     def __init__(self, json_paths: JsonPaths, image_root: str, transform: Callable,
-                 skip_bad_records: bool = False, prompt: str = ""):
+                 skip_bad_records: bool = False, prompt: str = "", augment_seed: int | None = None):
         items = load_records(json_paths, image_root, parse_caption_record, skip_bad_records)
-        super().__init__(items, transform, skip_bad_records)
+        super().__init__(items, transform, skip_bad_records, augment_seed)
         self.prompt = prompt
         self.texts = [prompt + clean_text(item.record.caption) for item in items]
         image_index: dict[str, int] = {}

@@ -223,8 +223,7 @@ def processor_calibration_loader(
                                           raw_captions)
     transform = _keep_image if crop_scale is None else pil_calibration_transform(image_size, crop_scale, augment,
                                                                                   hflip)
-    dataset = _CalibrationRecords(records, os.fspath(image_root), transform, skip_bad_records)
-    dataset.augment_seed = seed  # the same crops whatever ran before (see _ImageDataset)
+    dataset = _CalibrationRecords(records, os.fspath(image_root), transform, skip_bad_records, augment_seed=seed)
     sampler = ShardSampler(len(dataset), shuffle=True, seed=seed, num_replicas=num_replicas, rank=rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
@@ -337,10 +336,8 @@ class ProcessorDataModule(L.LightningDataModule):
                     "(recipe key data.calibration.json)"
                 )
             transform = pil_calibration_transform(config.image_size, config.crop_scale, self.augment, self.hflip)
-            dataset = _CalibrationRecords(config.json, os.fspath(config.image_root or self.image_root), transform,
-                                          self.skip_bad_records)
-            dataset.augment_seed = self.seed  # the same crops whatever ran before (see _ImageDataset)
-            return dataset
+            return _CalibrationRecords(config.json, os.fspath(config.image_root or self.image_root), transform,
+                                       self.skip_bad_records, augment_seed=self.seed)
         raise ValueError(f"{type(self).__name__} has no {split!r} split (it has val, test and calibration)")
 
     def setup(self, stage: str | None = None) -> None:

@@ -57,12 +57,13 @@ def test_calibration_batches_and_seeded_order(tiny_world):
 
 
 def test_calibration_crops_are_seeded_per_item_and_leave_the_global_rng_alone(tiny_world):
-    """Random crops (the pretraining transform) repeat exactly whatever ran before, and in loader workers;
-    another seed gives other crops; drawing them does not move torch's global RNG."""
+    """Random crops, flips and torchvision's RandAugment (the authors' calibration transform) repeat exactly
+    whatever ran before, and in loader workers; another seed gives other images; drawing them does not move
+    torch's global RNG."""
     def images(seed, workers=0):
         dm = CalibrationDataModule(tiny_world.calibration, tiny_world.image_root, tokenizer=tiny_world.vocab,
                                    image_size=SIZE, batch_size=4, num_workers=workers, max_length=L, seed=seed,
-                                   crop_scale=(0.2, 1.0))
+                                   crop_scale=(0.2, 1.0), augment=True, hflip=True)
         return torch.cat([b["image"] for b in dm.calibration_dataloader()])
 
     torch.manual_seed(1)
