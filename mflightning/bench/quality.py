@@ -258,7 +258,7 @@ def collect_runs(out: Path, s: QualitySettings) -> list[dict]:
     for model, method, sparsity in grid(s):
         for task in s.tasks:
             for seed in s.seeds:
-                path = out / "runs" / model / task / f"{run_key(method, sparsity, seed)}.json"
+                path = _run_path(out, model, method, sparsity, task, seed)
                 if not path.is_file():
                     raise FileNotFoundError(f"run result {path} is missing")
                 runs.append(json.loads(path.read_text()))
