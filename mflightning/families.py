@@ -50,7 +50,7 @@ TASKS = ("retrieval", "captioning", "vqa")
 XVLM_CACHE_VERSION = 4  # 4: + captioning LM loss (3: CLIP-layout ViT; 2: timm ViT, whole images; 1: random crops)
 # Constructor arguments of every family's captioning and VQA modules (retrieval's is the run's k_test).
 TASK_OPTIONS: dict[str, dict[str, Any]] = {
-    "captioning": {"num_beams": 3, "min_length": 5, "max_length": 24},
+    "captioning": {"num_beams": 3, "min_generated_length": 5, "max_generated_length": 24},
     "vqa": {"answer_list": None, "k_test": 128},
 }
 

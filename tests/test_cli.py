@@ -220,6 +220,40 @@ def test_fit_calibrates_in_on_fit_start_when_no_mask_file_is_given(tiny, tmp_pat
     assert callback.measured_sparsity(cli.model)["total"] == pytest.approx(0.5, abs=0.01)
 
 
+def task_data_args(world, task):
+    """Overrides pointing a synthetic recipe's data section at `world`."""
+    if task == "vqa":
+        paths = [("train_json", f"[{world.vqa_train}, {world.vg_train}]"), ("val_json", world.vqa_test),
+                 ("test_json", world.vqa_test), ("answer_list_json", world.answer_list)]
+    else:
+        paths = [(f"{split}_json", getattr(world, f"retrieval_{split}")) for split in ("train", "val", "test")]
+    return [arg for key, value in paths + [("image_root", world.image_root)]
+            for arg in (f"--data.init_args.{key}", value)]
+
+
+@pytest.mark.parametrize("task", ["retrieval", "captioning", "vqa"])
+def test_synthetic_recipes_fit_with_the_logger_they_configure(tiny, pruned, tmp_path, task):
+    """The recipes as written, logger included. With a logger, Lightning merges the module's and the
+    datamodule's hyperparameters and refuses a name they share with different values: captioning's
+    generation length, once `max_length` like the datamodule's text length, stopped every captioning fit."""
+    out, _ = pruned
+    cli = cli_main([
+        "fit", "--config", str(RECIPES / "synthetic" / f"{task}.yaml"),
+        "--model.init_args.backbone", tiny["model"], "--model.init_args.tokenizer", tiny["vocab"],
+        *task_data_args(tiny["world"], task), "--data.init_args.tokenizer", tiny["vocab"],
+        "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false",
+        "--trainer.default_root_dir", str(tmp_path), "--pruning.masks", str(out / "masks.safetensors"),
+    ])
+    assert cli.trainer.global_step == 1 and cli.trainer.logger is not None
+    logged = yaml.safe_load((Path(cli.trainer.logger.log_dir) / "hparams.yaml").read_text())
+    assert logged["max_length"] == cli.datamodule.max_length  # the datamodule's, next to the module's own
+    assert logged["lr"] == cli.model.hparams.lr
+    if task == "captioning":
+        assert logged["max_generated_length"] == 24 != logged["max_length"]
+
+
 def test_pruning_settings_are_a_pruning_config_checked_when_built():
     from mflightning.cli import PruningSettings, RecipeError
     from mflightning.pruning import PruningConfig

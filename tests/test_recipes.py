@@ -86,7 +86,7 @@ def test_downstream_recipes_use_the_authors_settings(relative):
     if relative.startswith("xvlm/"):
         assert model["betas"] == [0.9, 0.98] and model["warmup_ratio"] == 0.1
     if "captioning" in relative:
-        assert (model["num_beams"], model["max_length"], model["min_length"]) == (3, 20, 5)
+        assert (model["num_beams"], model["max_generated_length"], model["min_generated_length"]) == (3, 20, 5)
         assert model["prompt"] == datamodule["prompt"] == "a picture of "
     if "retrieval" in relative:
         assert model["k_test"] == 256

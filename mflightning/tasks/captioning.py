@@ -24,17 +24,19 @@ class CaptioningModule(EvaluationLoop, TaskModule):
     Training: LM loss with label smoothing on ``"<prompt><caption>"`` (first token the backbone's
     ``dec_token_id``: BLIP's [DEC]; XVLM keeps [CLS]) through the backbone's ``caption_logits``
     (BLIP: its decoder; XVLM: the text + fusion layers with causal masks); prompt tokens and padding
-    are not in the loss. Evaluation: the backbone's beam search (``num_beams``,
-    ``min_length``/``max_length`` count the prompt tokens, as in BLIP), captions gathered across
-    processes (deduplicated by ``image_id``), scored with ``caption_scores`` (``val/bleu4``,
-    ``val/cider`` ...) and written as a COCO results JSON ``[{"image_id", "caption"}]``.
+    are not in the loss. Evaluation: the backbone's beam search (``num_beams``; ``min_generated_length``
+    and ``max_generated_length`` count the prompt tokens, as BLIP's ``min_length``/``max_length`` do),
+    captions gathered across processes (deduplicated by ``image_id``), scored with ``caption_scores``
+    (``val/bleu4``, ``val/cider`` ...) and written as a COCO results JSON ``[{"image_id", "caption"}]``.
+    The generation lengths are named apart from the datamodule's ``max_length`` (training text): with a
+    logger, Lightning refuses module and datamodule hyperparameters that share a name but not a value.
     """
 
     task = "captioning"
 
     def __init__(
         self, *args: Any, prompt: str = "a picture of ", label_smoothing: float = 0.1, num_beams: int = 3,
-        min_length: int = 5, max_length: int = 20, repetition_penalty: float = 1.0, meteor: bool = True,
+        min_generated_length: int = 5, max_generated_length: int = 20, repetition_penalty: float = 1.0, meteor: bool = True,
         **kwargs: Any,
     ):
         kwargs.setdefault("lr", 1e-5)
@@ -43,14 +45,14 @@ class CaptioningModule(EvaluationLoop, TaskModule):
         self.prompt = prompt
         self.label_smoothing = label_smoothing
         self.num_beams = num_beams
-        self.min_length = min_length
-        self.max_length = max_length
+        self.min_generated_length = min_generated_length
+        self.max_generated_length = max_generated_length
         self.repetition_penalty = repetition_penalty
         self.meteor = meteor  # False skips METEOR's slow Java start-up (quick runs and tests)
         # [CLS] + prompt word pieces ([SEP] dropped): positions excluded from the loss.
         self.prompt_length = len(self.tokenizer(prompt).input_ids) - 1
-        if max_length <= self.prompt_length:
-            raise ValueError(f"max_length {max_length} leaves no room after the {self.prompt_length}-token prompt")
+        if max_generated_length <= self.prompt_length:
+            raise ValueError(f"max_generated_length {max_generated_length} leaves no room after the {self.prompt_length}-token prompt")
         self._eval_outputs: list[tuple[Any, str, list[str]]] = []
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
@@ -71,7 +73,8 @@ class CaptioningModule(EvaluationLoop, TaskModule):
         prompt = self.tokenizer([self.prompt] * image.size(0), return_tensors="pt").input_ids[:, :-1]
         prompt = self.decoder_ids(prompt).to(image.device)
         generated = self.backbone.generate_caption(
-            prompt, image_embeds, num_beams=self.num_beams, min_length=self.min_length, max_length=self.max_length,
+            prompt, image_embeds, num_beams=self.num_beams, min_length=self.min_generated_length,
+            max_length=self.max_generated_length,
             eos_token_id=self.sep_token_id, pad_token_id=self.pad_token_id, repetition_penalty=self.repetition_penalty,
         )
         return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]

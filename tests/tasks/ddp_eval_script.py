@@ -23,7 +23,7 @@ def main(devices: int, workdir: str, family: str) -> None:
     # 5 images / 10 questions: with 2 processes the sampler pads (an image seen twice).
     tasks = [
         ("retrieval", {"k_test": 4, "itm_batch_size": 3}, retrieval_loaders(tokenizer, n_images=5, eval_batch_size=1)[1]),
-        ("captioning", {"max_length": 9}, caption_loaders(tokenizer, n_images=5, batch_size=1)[1]),
+        ("captioning", {"max_generated_length": 9}, caption_loaders(tokenizer, n_images=5, batch_size=1)[1]),
         ("vqa", {"k_test": 4}, vqa_loaders(tokenizer, n_images=5, batch_size=1)[1]),
     ]
     for name, extra, loader in tasks:

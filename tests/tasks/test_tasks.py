@@ -104,7 +104,8 @@ def test_retrieval_trains_and_eval_matches_brute_force(tmp_path, tokenizer, fami
 @pytest.mark.parametrize("family", BOTH)
 def test_captioning_trains_generates_and_writes_coco_results(tmp_path, tokenizer, family):
     pl.seed_everything(0)
-    module = family.module("captioning", tokenizer, lr=1e-3, output_dir=str(tmp_path / "out"), max_length=10)
+    module = family.module("captioning", tokenizer, lr=1e-3, output_dir=str(tmp_path / "out"),
+                           max_generated_length=10)
     train, val = caption_loaders(tokenizer)
     pl.Trainer(**trainer_kwargs(tmp_path, precision="bf16-mixed")).fit(module, train, val)
     results = json.loads((tmp_path / "out" / "val_captions_epoch0.json").read_text())
