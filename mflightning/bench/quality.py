@@ -49,6 +49,7 @@ from .quality_settings import (  # noqa: F401  (importable from here as before)
     MODELS,
     TASK_TITLES,
     TASKS,
+    TASK_MODULE_OPTIONS,
     MethodSpec,
     BUDGET_FIELDS,
     QualitySettings,
@@ -58,11 +59,6 @@ from .quality_settings import (  # noqa: F401  (importable from here as before)
     set_budget,
     settings_fingerprint,
 )
-
-# How the benchmark's task modules differ from the demo's: its captioning runs were made with the
-# task class's own optimiser defaults and without METEOR (whose JVM start costs ~6 s per run).
-TASK_MODULE_OPTIONS: dict[str, dict[str, Any]] = {"captioning": {"family_options": False, "meteor": False}}
-
 
 # ---------------------------------------------------------------------------------------- one run
 def finetune(family: BackboneFamily, task: str, backbone, vocab: str, world, s: QualitySettings, seed: int, masks,
