@@ -149,10 +149,10 @@ class BackboneFamily:
         return cached_model_dir(world_root, cache_dir, config, prefix=self.cache_prefix)
 
     def pretrain(self, world_root: str | os.PathLike, cache_dir: str | os.PathLike, config: PretrainConfig,
-                 progress: bool = False) -> Path:
+                 progress: bool = False, num_workers: int = 0) -> Path:
         """Pretrain on the world's caption split, or reuse the cached model; returns its folder."""
         target = self.model_dir(world_root, cache_dir, config)
-        return pretrain_cached(world_root, target, config, self.pretrain_class, progress)
+        return pretrain_cached(world_root, target, config, self.pretrain_class, progress, num_workers)
 
     def load(self, model_dir: str | os.PathLike) -> tuple[nn.Module, str, dict]:
         """(backbone, vocab path, pretraining record) of a cached pretrained model."""
@@ -235,10 +235,13 @@ def full_view(datamodule_class: type) -> type:
     return FullView
 
 
-def task_datamodule(task: str, world, *, image_size: int, batch_size: int, seed: int):
-    """The world's datamodule for one task, on whole images of `image_size` (the pretrained model's)."""
+def task_datamodule(task: str, world, *, image_size: int, batch_size: int, seed: int, num_workers: int = 0):
+    """The world's datamodule for one task, on whole images of `image_size` (the pretrained model's).
+
+    `num_workers` loader processes decode the images (batches do not depend on it: no random transforms).
+    """
     common = dict(image_root=world.image_root, tokenizer=world.vocab, image_size=image_size, batch_size=batch_size,
-                  eval_batch_size=64, num_workers=0, augment=False, hflip=False, seed=seed)
+                  eval_batch_size=64, num_workers=num_workers, augment=False, hflip=False, seed=seed)
     if task == "retrieval":
         return full_view(RetrievalDataModule)(train_json=world.retrieval_train, test_json=world.retrieval_test,
                                               max_length=30, **common)
@@ -252,11 +255,12 @@ def task_datamodule(task: str, world, *, image_size: int, batch_size: int, seed:
     raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}")
 
 
-def calibration_loader(world, vocab: str, *, image_size: int, batch_size: int, max_length: int = 30, seed: int = 0):
+def calibration_loader(world, vocab: str, *, image_size: int, batch_size: int, max_length: int = 30, seed: int = 0,
+                       num_workers: int = 0):
     """The world's calibration batches (generic captions, no task data) a pretrained backbone is pruned on."""
     return CalibrationDataModule(
         calibration_json=world.calibration, image_root=world.image_root, tokenizer=vocab, image_size=image_size,
-        batch_size=batch_size, num_workers=0, max_length=max_length, seed=seed,
+        batch_size=batch_size, num_workers=num_workers, max_length=max_length, seed=seed,
     ).calibration_dataloader()
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import time
@@ -55,6 +56,7 @@ from .quality_settings import (  # noqa: F401  (importable from here as before)
     QualitySettings,
     default_budgets,
     grid,
+    optimizer_steps,
     run_key,
     set_budget,
     settings_fingerprint,
@@ -71,7 +73,8 @@ def finetune(family: BackboneFamily, task: str, backbone, vocab: str, world, s: 
     module = family.task_module(task, backbone, vocab, lr=budget.lr, k_test=s.k_test,
                                 **TASK_MODULE_OPTIONS.get(task, {}))
     module.output_dir = str(work_dir)
-    data = task_datamodule(task, world, image_size=s.image_size, batch_size=budget.batch_size, seed=seed)
+    data = task_datamodule(task, world, image_size=s.image_size, batch_size=budget.batch_size, seed=seed,
+                           num_workers=s.loader_workers)
     metrics, sparsity = fit_and_test(module, data, masks=masks, epochs=budget.epochs, root_dir=work_dir)
     return {"metrics": {k: float(v) for k, v in metrics.items()}, "realised_sparsity": sparsity}
 
@@ -131,7 +134,8 @@ def run_benchmark(out: str | os.PathLike, cache_dir: str | os.PathLike, s: Quali
     for model in s.models:  # pretrained first (in this process): the backbones' workers only read them
         family = get_family(model)
         t = time.perf_counter()
-        model_dirs[model] = family.pretrain(world.root, cache_dir, s.pretrain_config(family), progress=False)
+        model_dirs[model] = family.pretrain(world.root, cache_dir, s.pretrain_config(family), progress=False,
+                                            num_workers=s.loader_workers)
         record = pretrain_record(model_dirs[model])
         log(f"[quality] {model}: pretrained model {model_dirs[model]} (epoch losses {record['epoch_losses']}, "
             f"{time.perf_counter() - t:.0f}s)")
@@ -145,7 +149,6 @@ def run_benchmark(out: str | os.PathLike, cache_dir: str | os.PathLike, s: Quali
         for i, a in enumerate(args, 1):
             run_backbone(*a, log=lambda m, i=i: log(f"[quality] {i}/{len(pending)} {m}"))
     else:
-        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
@@ -197,7 +200,7 @@ def run_backbone(out: Path, s: QualitySettings, unit: tuple[str, str, float | No
             mask_seconds = 0.0
             if sparsity is not None and masks is None:
                 calibration = calibration_loader(world, vocab, image_size=s.image_size,
-                                                 batch_size=s.calibration_batch_size)
+                                                 batch_size=s.calibration_batch_size, num_workers=s.loader_workers)
                 mask_path = out / "masks" / model / f"{method}@{sparsity:g}.safetensors"
                 masks, mask_seconds = compute_masks_for(family, method, sparsity, backbone, vocab,
                                                         calibration, s, mask_path)
@@ -221,6 +224,10 @@ def _init_worker() -> None:
     _exit_with_parent()
     quiet_libraries()
     torch.set_num_threads(1)
+    if "fork" in multiprocessing.get_all_start_methods():
+        # A spawned process spawns its own children too: each DataLoader worker (--loader-workers) would
+        # re-import torch, ~8 s per loader; forked from this one-thread worker, they start at once.
+        multiprocessing.set_start_method("fork", force=True)
 
 
 def _exit_with_parent() -> None:
@@ -328,7 +335,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", choices=("cpu", "gpu"), default="cpu",
                         help="gpu: QualitySettings.gpu() sizes for one GPU (224 px, 4x256 models, seeds 0 1 2; the size, "
                              "seed, epoch and lr flags are ignored; --models/--methods/--sparsities/--tasks/"
-                             "--world-seed/--pattern and --budget apply); not yet run on a GPU")
+                             "--world-seed/--pattern and --budget apply); not yet run on a GPU, estimated 3-7 h for the full grid")
     parser.add_argument("--models", nargs="+", default=list(d.models), choices=MODELS)
     parser.add_argument("--methods", nargs="+", default=list(d.methods), choices=list(METHODS))
     parser.add_argument("--sparsities", nargs="+", type=float, default=list(d.sparsities))
@@ -360,21 +367,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=0,
                         help="backbones fine-tuned at once, each in its own process with one thread (default: "
                              "the free cores, or 1 with a GPU); on 2 cores 2 jobs are about twice as fast as 1")
+    parser.add_argument("--loader-workers", type=int, default=None,
+                        help="DataLoader processes per loader (default 0; --scale gpu: 8); results do not depend on it")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the grid's work (backbones, fine-tunings, optimizer steps) and exit without running")
     parser.add_argument("--pattern", default=None,
                         help="N:M pattern for every method (e.g. 2:4; --sparsities is then 1 - N/M; use its own --out)")
 
 
 def settings_from_args(args: argparse.Namespace) -> QualitySettings:
-    """QualitySettings from parsed flags (`--tiny`: `QualitySettings.tiny()`, the other flags ignored)."""
+    """QualitySettings from parsed flags (`--tiny`: `QualitySettings.tiny()`, the other flags but
+    --loader-workers ignored)."""
     if args.tiny:
-        return QualitySettings.tiny()
+        return replace(QualitySettings.tiny(), loader_workers=getattr(args, "loader_workers", None) or 0)
     if getattr(args, "scale", "cpu") == "gpu":
         gpu = QualitySettings.gpu(models=tuple(args.models), methods=tuple(args.methods),
                                   sparsities=tuple(args.sparsities), tasks=tuple(args.tasks),
                                   world_seed=args.world_seed, pattern=args.pattern)
         for model, task, name, value in args.budget:
             set_budget(gpu.budgets, model, task, name, value)
-        return gpu
+        return gpu if args.loader_workers is None else replace(gpu, loader_workers=args.loader_workers)
     return QualitySettings(
         models=tuple(args.models), methods=tuple(args.methods), sparsities=tuple(args.sparsities),
         seeds=tuple(args.seeds), tasks=tuple(args.tasks), world_seed=args.world_seed, sizes=args.world_sizes,
@@ -382,7 +394,7 @@ def settings_from_args(args: argparse.Namespace) -> QualitySettings:
         heads=args.heads, pretrain_epochs=args.pretrain_epochs, pretrain_lrs=({m: args.pretrain_lr for m in MODELS} if args.pretrain_lr else QualitySettings().pretrain_lrs),
         pretrain_batch_size=args.pretrain_batch_size, budgets=budgets_from_args(args),
         calibration_batches=args.calibration_batches, calibration_batch_size=args.calibration_batch_size,
-        k_test=args.k_test, pattern=args.pattern)
+        k_test=args.k_test, pattern=args.pattern, loader_workers=args.loader_workers or 0)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -393,6 +405,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     jobs = jobs or (1 if torch.cuda.is_available() else free_cores())
     torch.set_num_threads(args.threads or free_cores())  # with --jobs, for pretraining (workers take one each)
     settings = settings_from_args(args)
+    plan = optimizer_steps(settings)
     print(f"[quality] {torch.get_num_threads()} torch thread(s), {jobs} job(s); grid: {len(grid(settings))} backbones x "
-          f"{len(settings.tasks)} tasks x {len(settings.seeds)} seeds", flush=True)
+          f"{len(settings.tasks)} tasks x {len(settings.seeds)} seeds = {plan['fine_tunings']} fine-tunings, "
+          f"{plan['fine_tuning_steps']:,} optimizer steps (pretraining: "
+          + ", ".join(f"{m} {n:,}" for m, n in plan["pretrain_steps"].items()) + ")", flush=True)
+    if getattr(args, "plan", False):
+        print(json.dumps({"settings": asdict(settings), **plan}, indent=1, default=str))
+        return plan
     return run_benchmark(args.out, args.cache_dir, settings, log=lambda m: print(m, flush=True), jobs=jobs)

@@ -1,10 +1,11 @@
 """What the quality benchmark runs: its methods, metrics, settings and grid (`mflightning.bench.quality`)."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from mflightning.data.synthetic import WorldSizes
+from mflightning.data.synthetic import CAPTIONS_PER_IMAGE, WorldSizes
 from mflightning.families import FAMILIES, TASKS, BackboneFamily, ModelSize, TaskSettings
 from mflightning.pretrain import PretrainConfig
 
@@ -125,6 +126,11 @@ class QualitySettings:
     calibration_batch_size: int = 32
     k_test: int = 16
     pattern: str | None = None  # N:M (e.g. "2:4"): every method prunes to this pattern; sparsities = 1 - N/M
+    # DataLoader processes per loader (pretraining, calibration, fine-tuning). 0 on CPU, where the cores
+    # train; the GPU preset needs them: decoding a batch of 64 images at 224 px in the training process
+    # took 126-142 ms on one core of the CPU machine, which would leave the GPU waiting. Results do not
+    # depend on it (no random transforms), so it is not part of the fingerprint.
+    loader_workers: int = 0
 
     def __post_init__(self) -> None:
         if self.pattern is not None:
@@ -147,6 +153,8 @@ class QualitySettings:
             raise ValueError("--seeds needs at least one seed")
         if self.image_size % self.patch_size:
             raise ValueError(f"--image-size {self.image_size} must be a multiple of --patch-size {self.patch_size}")
+        if self.loader_workers < 0:
+            raise ValueError(f"--loader-workers must be >= 0, got {self.loader_workers}")
         for name in ("hidden_size", "layers", "heads", "pretrain_epochs", "calibration_batches",
                      "calibration_batch_size", "k_test"):
             if getattr(self, name) < 1:
@@ -199,7 +207,8 @@ class QualitySettings:
         """Sizes for one GPU (`--scale gpu`): a 10x larger world at 224 px (patch 16), models 4 layers x 256
         wide with 4 heads, longer pretraining and fine-tuning, 3 seeds. `grid` (models, methods,
         sparsities, seeds, tasks, world_seed, pattern) overrides the grid. Not run yet: no GPU was lent
-        to the sessions that wrote it, so its run time is unmeasured."""
+        to the sessions that wrote it. The full grid is 465,024 fine-tuning steps (`optimizer_steps`), an
+        estimated 3-7 hours on one H100-class GPU at 20-40 ms per step plus evaluation (unmeasured)."""
         task = {"retrieval": TaskSettings(epochs=6, lr=3e-4, batch_size=64),
                 "captioning": TaskSettings(epochs=6, lr=3e-4, batch_size=64),
                 "vqa": TaskSettings(epochs=16, lr=5e-4, batch_size=64)}
@@ -209,7 +218,7 @@ class QualitySettings:
                         image_size=224, patch_size=16, hidden_size=256, layers=4, heads=4, pretrain_epochs=40,
                         pretrain_batch_size=128, pretrain_lrs={"blip": 5e-4, "xvlm": 1e-3},
                         budgets={m: dict(task) for m in MODELS}, calibration_batches=32, calibration_batch_size=64,
-                        k_test=64)
+                        k_test=64, loader_workers=8)
         settings.update({k: v for k, v in grid.items() if v is not None})
         return cls(**settings)
 
@@ -230,10 +239,32 @@ def grid(s: QualitySettings) -> list[tuple[str, str, float | None]]:
     return out
 
 
+def optimizer_steps(s: QualitySettings) -> dict[str, Any]:
+    """The optimizer steps the grid takes, counted from the world sizes, to plan a run (`--plan`).
+
+    Training drops partial batches. Captions per training image are taken at the mean of
+    `CAPTIONS_PER_IMAGE` (the world draws 3-5), so retrieval and captioning counts are within a few
+    steps of a generated world's; VQA trains on the VQA and VG questions.
+    """
+    captions = s.sizes.train * sum(CAPTIONS_PER_IMAGE) / 2
+    questions = (s.sizes.vqa_train + s.sizes.vg) * s.sizes.questions_per_image
+    examples = {"retrieval": captions, "captioning": captions, "vqa": questions}
+    per_run = {m: {t: s.budget(m, t).epochs * int(examples[t] // s.budget(m, t).batch_size) for t in s.tasks}
+               for m in s.models}
+    backbones = Counter(model for model, _, _ in grid(s))
+    return {
+        "backbones": sum(backbones.values()),
+        "fine_tunings": sum(backbones.values()) * len(s.tasks) * len(s.seeds),
+        "pretrain_steps": {m: s.pretrain_epochs * (s.sizes.calibration // s.pretrain_batch_size) for m in s.models},
+        "steps_per_fine_tuning": per_run,
+        "fine_tuning_steps": sum(backbones[m] * len(s.seeds) * sum(per_run[m].values()) for m in s.models),
+    }
+
+
 def settings_fingerprint(s: QualitySettings) -> dict:
     """What a resumed run must share with the stored runs (the grid itself may grow)."""
     d = asdict(s)
-    for name in ("models", "methods", "sparsities", "seeds", "tasks"):
+    for name in ("models", "methods", "sparsities", "seeds", "tasks", "loader_workers"):
         d.pop(name)
     if d["pattern"] is None:  # unstructured runs keep the fingerprint they had before patterns existed
         d.pop("pattern")

@@ -45,10 +45,10 @@ def test_quality_benchmark_tiny_writes_runs_tables_and_plots(tmp_path, capsys):
     assert "2 of 2 backbones cached; 0 to run" in capsys.readouterr().out
     assert json.loads((out / "quality.json").read_text())["runs"] == runs
 
-    # Two worker processes (one thread each) give the same runs as one process with one thread; a
-    # missing run is redone, the others are read back.
+    # Two worker processes (one thread each, with a DataLoader process each) give the same runs as one
+    # process with one thread; a missing run is redone, the others are read back.
     parallel = tmp_path / "parallel"
-    main(["quality", "--tiny", "--out", str(parallel), "--cache-dir", str(cache), "--jobs", "2"])
+    main(["quality", "--tiny", "--out", str(parallel), "--cache-dir", str(cache), "--jobs", "2", "--loader-workers", "1"])
     assert "in 2 processes" in capsys.readouterr().out
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "mask_seconds")} for r in rows]
     assert strip(json.loads((parallel / "quality.json").read_text())["runs"]) == strip(runs)
@@ -298,3 +298,91 @@ def test_a_busy_worker_dies_with_the_benchmark_process(tmp_path):
         time.sleep(0.2)
     os.kill(worker, 9)
     pytest.fail(f"worker {worker} outlived its parent by 20 s")
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    from mflightning.data.synthetic import WorldSizes, generate_world
+
+    sizes = WorldSizes(calibration=8, train=40, val=1, test=2, vqa_train=20, vg=6, vqa_test=2, questions_per_image=2)
+    return generate_world(tmp_path_factory.mktemp("world"), seed=0, sizes=sizes, image_size=32), sizes
+
+
+def test_the_plan_counts_the_optimizer_steps_the_loaders_take(small_world):
+    from mflightning.bench.quality import optimizer_steps
+    from mflightning.families import TaskSettings, task_datamodule
+
+    world, sizes = small_world
+    budgets = {m: {"retrieval": TaskSettings(epochs=3, lr=1e-3, batch_size=8),
+                   "captioning": TaskSettings(epochs=2, lr=1e-3, batch_size=4),
+                   "vqa": TaskSettings(epochs=5, lr=1e-3, batch_size=4)} for m in ("blip", "xvlm")}
+    s = QualitySettings(sizes=sizes, budgets=budgets, methods=("dense", "omp", "multiflow"), seeds=(0, 1),
+                        sparsities=(0.5, 0.9), pretrain_epochs=7, pretrain_batch_size=4)
+    plan = optimizer_steps(s)
+    assert plan["backbones"] == 2 * (1 + 2 * 2) and plan["fine_tunings"] == 10 * 3 * 2
+    assert plan["pretrain_steps"] == {"blip": 7 * 2, "xvlm": 7 * 2}  # 8 captions, batch 4
+    for task in ("retrieval", "captioning", "vqa"):
+        budget = budgets["blip"][task]
+        data = task_datamodule(task, world, image_size=32, batch_size=budget.batch_size, seed=0)
+        data.setup("fit")
+        taken = budget.epochs * len(data.train_dataloader())
+        planned = plan["steps_per_fine_tuning"]["blip"][task]
+        if task == "vqa":  # (20 VQA + 6 VG images) x 2 questions, counted exactly
+            assert planned == taken == 5 * (52 // 4)
+        else:  # 3-5 captions per image, counted at 4: within an epoch's worth of a batch or two
+            assert abs(planned - taken) <= 2 * budget.epochs, (task, planned, taken)
+    per_backbone = sum(plan["steps_per_fine_tuning"]["blip"].values())
+    assert plan["fine_tuning_steps"] == 2 * 5 * 2 * per_backbone  # both models have the same budgets here
+
+
+def test_loader_workers_change_no_batch_and_no_fingerprint(small_world):
+    import argparse
+
+    import torch
+
+    from mflightning.bench.quality import add_arguments, settings_fingerprint, settings_from_args
+    from mflightning.families import task_datamodule
+
+    world, _ = small_world
+    for task in ("retrieval", "captioning", "vqa"):
+        batches = []
+        for workers in (0, 2):
+            data = task_datamodule(task, world, image_size=32, batch_size=4, seed=3, num_workers=workers)
+            data.setup("fit")
+            torch.manual_seed(0)  # the shuffle draws from the global RNG, seeded before each fine-tuning
+            batches.append(next(iter(data.train_dataloader())))
+        serial, parallel = batches
+        assert serial.keys() == parallel.keys()
+        for key, value in serial.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, parallel[key]), (task, key)
+            else:
+                assert value == parallel[key], (task, key)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    gpu = settings_from_args(parser.parse_args(["--scale", "gpu"]))
+    assert gpu.loader_workers == 8
+    assert settings_from_args(parser.parse_args(["--scale", "gpu", "--loader-workers", "2"])).loader_workers == 2
+    cpu = settings_from_args(parser.parse_args(["--loader-workers", "3"]))
+    assert cpu.loader_workers == 3 and settings_fingerprint(cpu) == settings_fingerprint(QualitySettings())
+    with pytest.raises(ValueError, match="--loader-workers must be >= 0, got -1"):
+        QualitySettings(loader_workers=-1)
+
+
+def test_benchmark_workers_fork_their_loader_processes():
+    """A spawned worker would spawn its DataLoader processes too, each re-importing torch (~8 s a loader)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mflightning.bench.quality import _init_worker
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker) as pool:
+        assert pool.submit(_start_method).result() == "fork"
+
+
+def _start_method() -> str:
+    """The worker's own start method (`multiprocessing.get_start_method` submitted directly would travel
+    bound to a pickled copy of the calling process's context, and answer for it)."""
+    import multiprocessing
+
+    return multiprocessing.get_start_method()
