@@ -9,7 +9,8 @@ from mflightning.bench.quality import METRICS, QualitySettings, markdown_tables,
 
 def test_quality_benchmark_tiny_writes_runs_tables_and_plots(tmp_path, capsys):
     out, cache = tmp_path / "quality", tmp_path / "cache"
-    main(["quality", "--tiny", "--out", str(out), "--cache-dir", str(cache), "--threads", "1"])
+    # one process, whatever the load (--jobs defaults to the free cores): the log order below is the grid's
+    main(["quality", "--tiny", "--out", str(out), "--cache-dir", str(cache), "--threads", "1", "--jobs", "1"])
     report = json.loads((out / "quality.json").read_text())
     assert set(report) >= {"settings", "runs", "summary", "wall_seconds"}
     runs = report["runs"]
