@@ -34,6 +34,7 @@ from mflightning.baselines import (  # noqa: F401  (the chance levels are import
     vqa_blind_prior,
     vqa_chance,
 )
+from mflightning.bench.quality_settings import TASK_MODULE_OPTIONS, QualitySettings
 from mflightning.data.synthetic import WorldSizes, generate_world
 from mflightning.families import (
     TASKS,
@@ -44,7 +45,6 @@ from mflightning.families import (
     get_family,
     task_datamodule,
 )
-from mflightning.bench.quality_settings import TASK_MODULE_OPTIONS, QualitySettings
 from mflightning.pretrain import PretrainConfig
 from mflightning.runtime import free_cores, quiet_libraries
 

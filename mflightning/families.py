@@ -133,7 +133,8 @@ class BackboneFamily:
             around a backbone, its `pruning_loss` is the pretraining loss that SNIP uses.
         backbone_class: the backbone, read back with `from_pretrained(model_dir)`.
         task_classes: task name -> task LightningModule class.
-        finetune_options: constructor arguments the demo gives each of its task modules.
+        finetune_options: constructor arguments the demo and the quality benchmark give their task modules
+            (but captioning's: `mflightning.bench.quality_settings.TASK_MODULE_OPTIONS`).
     """
 
     name: str
@@ -173,8 +174,8 @@ class BackboneFamily:
         Args:
             lr: fine-tuning learning rate.
             k_test: candidates re-scored per query at retrieval evaluation.
-            family_options: add `finetune_options` (the demo's settings; the quality benchmark's
-                captioning runs were made with the task class's own defaults instead).
+            family_options: add `finetune_options` (False for the benchmark's and the demo's captioning
+                runs, made with the task class's own defaults).
             **extra: further constructor arguments (e.g. `meteor=False`).
         """
         if task not in self.task_classes:
