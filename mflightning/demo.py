@@ -34,16 +34,15 @@ from mflightning.baselines import (  # noqa: F401  (the chance levels are import
     vqa_blind_prior,
     vqa_chance,
 )
-from mflightning.bench.quality_settings import TASK_MODULE_OPTIONS, QualitySettings
+from mflightning.bench.quality_settings import QualitySettings
 from mflightning.data.synthetic import WorldSizes, generate_world
 from mflightning.families import (
     TASKS,
     ModelSize,
     TaskSettings,
     calibration_loader,
-    fit_and_test,
+    finetune_task,
     get_family,
-    task_datamodule,
 )
 from mflightning.pretrain import PretrainConfig
 from mflightning.runtime import free_cores, quiet_libraries
@@ -108,19 +107,13 @@ class TaskRun:
 def finetune_and_test(task: str, variant: str, backbone, vocab: str, world, settings: DemoSettings,
                       masks, out: Path, progress: bool = True) -> TaskRun:
     """Fine-tune a copy of `backbone` on `task` (sparse when `masks` is given) and evaluate on the test split."""
-    import lightning as L
-
-    L.seed_everything(settings.seed, workers=True, verbose=False)
     started = time.perf_counter()
-    task_settings = settings.tasks[task]
-    module = FAMILY.task_module(task, backbone, vocab, lr=task_settings.lr, k_test=settings.k_test,
-                                **TASK_MODULE_OPTIONS.get(task, {}))
-    module.output_dir = str(out / "results" / f"{task}_{variant}")
-    data = task_datamodule(task, world, image_size=settings.pretrain.image_size, batch_size=task_settings.batch_size,
-                           seed=settings.seed)
-    print(f"\n[demo] fine-tuning the {variant} model on {task} ({task_settings.epochs} epochs)", flush=True)
-    metrics, sparsity = fit_and_test(module, data, masks=masks, epochs=task_settings.epochs,
-                                     root_dir=out / "lightning", accelerator="cpu", progress=progress)
+    budget = settings.tasks[task]
+    print(f"\n[demo] fine-tuning the {variant} model on {task} ({budget.epochs} epochs)", flush=True)
+    metrics, sparsity = finetune_task(FAMILY, task, backbone, vocab, world, budget, seed=settings.seed,
+                                      k_test=settings.k_test, image_size=settings.pretrain.image_size, masks=masks,
+                                      output_dir=out / "results" / f"{task}_{variant}", root_dir=out / "lightning",
+                                      accelerator="cpu", progress=progress)
     return TaskRun(task, variant, metrics, sparsity, round(time.perf_counter() - started, 1))
 
 

@@ -7,8 +7,10 @@ once by name with `register_family` (a second registration of a name is an error
 `get_family`; code that runs a model takes its family instead of branching on the model's name.
 
 The shared builders: `task_datamodule` (the synthetic world's datamodule of a task),
-`calibration_loader` (the calibration batches a backbone is pruned on), `BackboneFamily.task_module`
-and `fit_and_test` (fine-tune one task module, kept sparse by a mask file, and test it).
+`calibration_loader` (the calibration batches a backbone is pruned on), `BackboneFamily.task_module`,
+`fit_and_test` (fine-tune one task module, kept sparse by a mask file, and test it) and
+`finetune_task` (seed, build the module and the datamodule, `fit_and_test`: one run of the demo or the
+benchmark).
 
 Cache keys do not change with this module: a BLIP folder is `pretrained-<cache_key>`, an XVLM one
 `xvlm-pretrained-v<XVLM_CACHE_VERSION>-<cache_key>`, with `mflightning.pretrain.cache_key` of the world and config.
@@ -49,8 +51,9 @@ from mflightning.tasks import (
 TASKS = ("retrieval", "captioning", "vqa")
 XVLM_CACHE_VERSION = 4  # 4: + captioning LM loss (3: CLIP-layout ViT; 2: timm ViT, whole images; 1: random crops)
 # Constructor arguments of every family's captioning and VQA modules (retrieval's is the run's k_test).
+# Captioning skips METEOR, whose JVM start costs ~6 s a run (BLEU, ROUGE-L and CIDEr are still scored).
 TASK_OPTIONS: dict[str, dict[str, Any]] = {
-    "captioning": {"num_beams": 3, "min_generated_length": 5, "max_generated_length": 24},
+    "captioning": {"num_beams": 3, "min_generated_length": 5, "max_generated_length": 24, "meteor": False},
     "vqa": {"answer_list": None, "k_test": 128},
 }
 
@@ -133,8 +136,8 @@ class BackboneFamily:
             around a backbone, its `pruning_loss` is the pretraining loss that SNIP uses.
         backbone_class: the backbone, read back with `from_pretrained(model_dir)`.
         task_classes: task name -> task LightningModule class.
-        finetune_options: constructor arguments the demo and the quality benchmark give their task modules
-            (but captioning's: `mflightning.bench.quality_settings.TASK_MODULE_OPTIONS`).
+        finetune_options: task -> constructor arguments its task module gets on top of `TASK_OPTIONS` (a
+            task not listed keeps the class's own optimiser defaults).
     """
 
     name: str
@@ -143,7 +146,7 @@ class BackboneFamily:
     pretrain_class: type
     backbone_class: type
     task_classes: Mapping[str, type]
-    finetune_options: Mapping[str, Any] = field(default_factory=dict)
+    finetune_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def model_dir(self, world_root: str | os.PathLike, cache_dir: str | os.PathLike, config: PretrainConfig) -> Path:
         """Where the model pretrained with `config` on this world is (or will be) cached."""
@@ -167,24 +170,20 @@ class BackboneFamily:
             raise RuntimeError(f"{self.name}: the SNIP loss must run the backbone being pruned, not a copy")
         return lambda _model, batch: holder.pruning_loss(batch)
 
-    def task_module(self, task: str, backbone: nn.Module, vocab: str, *, lr: float, k_test: int,
-                    family_options: bool = True, **extra: Any):
+    def task_module(self, task: str, backbone: nn.Module, vocab: str, *, lr: float, k_test: int, **extra: Any):
         """The family's module for `task` around a copy of `backbone`.
 
         Args:
             lr: fine-tuning learning rate.
             k_test: candidates re-scored per query at retrieval evaluation.
-            family_options: add `finetune_options` (False for the benchmark's and the demo's captioning
-                runs, made with the task class's own defaults).
-            **extra: further constructor arguments (e.g. `meteor=False`).
+            **extra: further constructor arguments, over `TASK_OPTIONS` and `finetune_options`.
         """
         if task not in self.task_classes:
             raise ValueError(f"family {self.name!r} has no {task!r} task; choose from {list(self.task_classes)}")
         options = {"k_test": k_test, **SMALL_RUN_RETRIEVAL} if task == "retrieval" else TASK_OPTIONS[task]
         options = {**options, **{k: extra.pop(k) for k in list(extra) if k in options}}
         common = dict(backbone=copy.deepcopy(backbone), tokenizer=vocab, lr=lr)
-        if family_options:
-            common.update(self.finetune_options)
+        common.update({k: v for k, v in self.finetune_options.get(task, {}).items() if k not in extra})
         return self.task_classes[task](**options, **common, **extra)
 
 
@@ -207,11 +206,13 @@ def get_family(name: str) -> BackboneFamily:
         raise ValueError(f"unknown backbone family {name!r}; registered: {sorted(FAMILIES)}") from None
 
 
+BLIP_SCHEDULE = {"weight_decay": 0.05, "warmup_steps": 10}
 BLIP = register_family(BackboneFamily(
     name="blip", cache_prefix=BLIP_CACHE_PREFIX, small_config=blip_small_config, pretrain_class=PretrainModule,
     backbone_class=BlipBackbone,
     task_classes={"retrieval": RetrievalModule, "captioning": CaptioningModule, "vqa": VQAModule},
-    finetune_options={"weight_decay": 0.05, "warmup_steps": 10},
+    # captioning keeps CaptioningModule's defaults (no warmup), as the benchmark's runs were made
+    finetune_options={"retrieval": BLIP_SCHEDULE, "vqa": BLIP_SCHEDULE},
 ))
 XVLM = register_family(BackboneFamily(
     name="xvlm", cache_prefix=f"xvlm-pretrained-v{XVLM_CACHE_VERSION}", small_config=xvlm_small_config,
@@ -266,6 +267,23 @@ def calibration_loader(world, vocab: str, *, image_size: int, batch_size: int, m
 
 
 # ---------------------------------------------------------------------------------------- fine-tuning
+def finetune_task(family: BackboneFamily, task: str, backbone: nn.Module, vocab: str, world, budget: TaskSettings, *,
+                  seed: int, k_test: int, image_size: int, masks, output_dir: str | os.PathLike,
+                  root_dir: str | os.PathLike, num_workers: int = 0, accelerator: str = "auto",
+                  progress: bool = False) -> tuple[dict[str, float], dict[str, float]]:
+    """Seed, then fine-tune the family's `task` module around a copy of `backbone` on the world's `task`
+    data with `budget` and test it (`fit_and_test`): the one run the demo and the benchmark both make."""
+    import lightning as L
+
+    L.seed_everything(seed, workers=True, verbose=False)
+    module = family.task_module(task, backbone, vocab, lr=budget.lr, k_test=k_test)
+    module.output_dir = str(output_dir)
+    data = task_datamodule(task, world, image_size=image_size, batch_size=budget.batch_size, seed=seed,
+                           num_workers=num_workers)
+    return fit_and_test(module, data, masks=masks, epochs=budget.epochs, root_dir=root_dir, accelerator=accelerator,
+                        progress=progress)
+
+
 def fit_and_test(module, datamodule, *, masks, epochs: int, root_dir: str | os.PathLike, accelerator: str = "auto",
                  progress: bool = False) -> tuple[dict[str, float], dict[str, float]]:
     """Fine-tune `module` (kept sparse by `masks` when given), then test it: (test metrics, measured sparsity).

@@ -122,6 +122,31 @@ def test_backbone_families_are_registered_once_by_name():
         BLIP.task_module("segmentation", None, "vocab.txt", lr=1e-3, k_test=4)
 
 
+
+def test_family_options_reach_only_the_tasks_they_name(tmp_path):
+    """BLIP's schedule (weight decay, warmup) goes to retrieval and VQA; captioning keeps its class's defaults
+    and skips METEOR; an explicit argument wins over both. The committed benchmark runs were made so."""
+    from mflightning.families import BLIP, XVLM, ModelSize
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "picture", "of", "red"]) + "\n")
+    size = ModelSize(hidden_size=16, layers=1, heads=2, image_size=16, patch_size=8)
+    built = {}
+    for family in (BLIP, XVLM):
+        for task in ("retrieval", "captioning", "vqa"):
+            module = built[family.name, task] = family.task_module(task, family.small_config(size), str(vocab),
+                                                                   lr=1e-3, k_test=4)
+            defaults = type(module)(backbone=family.small_config(size), tokenizer=str(vocab)).hparams
+            expected = {"weight_decay": defaults["weight_decay"], "warmup_steps": defaults["warmup_steps"],
+                        **family.finetune_options.get(task, {})}
+            assert {k: module.hparams[k] for k in expected} == expected, (family.name, task)
+    assert BLIP.finetune_options["vqa"] == {"weight_decay": 0.05, "warmup_steps": 10} and "captioning" not in \
+        BLIP.finetune_options
+    assert built["blip", "captioning"].hparams["warmup_steps"] == 0 and built["blip", "captioning"].meteor is False
+    vqa = BLIP.task_module("vqa", BLIP.small_config(size), str(vocab), lr=1e-3, k_test=4, warmup_steps=3)
+    assert vqa.hparams["warmup_steps"] == 3 and vqa.hparams["weight_decay"] == 0.05
+
+
 def test_pretrained_models_keep_their_cache_folders(tmp_path):
     """The demo's and the quality benchmark's cached models stay valid: same configs, keys and folder names."""
     from mflightning.bench.quality import QualitySettings

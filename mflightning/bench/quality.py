@@ -38,7 +38,7 @@ import torch
 
 from mflightning.baselines import chance_and_blind
 from mflightning.data.synthetic import WorldSizes, generate_world
-from mflightning.families import BackboneFamily, calibration_loader, fit_and_test, get_family, task_datamodule
+from mflightning.families import BackboneFamily, calibration_loader, finetune_task, get_family
 from mflightning.pretrain import pretrain_record
 from mflightning.runtime import free_cores, quiet_libraries
 
@@ -50,7 +50,6 @@ from .quality_settings import (  # noqa: F401  (importable from here as before)
     MODELS,
     TASK_TITLES,
     TASKS,
-    TASK_MODULE_OPTIONS,
     MethodSpec,
     BUDGET_FIELDS,
     QualitySettings,
@@ -66,16 +65,9 @@ from .quality_settings import (  # noqa: F401  (importable from here as before)
 def finetune(family: BackboneFamily, task: str, backbone, vocab: str, world, s: QualitySettings, seed: int, masks,
              work_dir: Path) -> dict[str, Any]:
     """Fine-tune a copy of `backbone` on `task` (kept sparse by `masks` when given); test metrics + sparsity."""
-    import lightning as L
-
-    L.seed_everything(seed, workers=True, verbose=False)
-    budget = s.budget(family.name, task)
-    module = family.task_module(task, backbone, vocab, lr=budget.lr, k_test=s.k_test,
-                                **TASK_MODULE_OPTIONS.get(task, {}))
-    module.output_dir = str(work_dir)
-    data = task_datamodule(task, world, image_size=s.image_size, batch_size=budget.batch_size, seed=seed,
-                           num_workers=s.loader_workers)
-    metrics, sparsity = fit_and_test(module, data, masks=masks, epochs=budget.epochs, root_dir=work_dir)
+    metrics, sparsity = finetune_task(family, task, backbone, vocab, world, s.budget(family.name, task), seed=seed,
+                                      k_test=s.k_test, image_size=s.image_size, masks=masks, output_dir=work_dir,
+                                      root_dir=work_dir, num_workers=s.loader_workers)
     return {"metrics": {k: float(v) for k, v in metrics.items()}, "realised_sparsity": sparsity}
 
 
@@ -402,8 +394,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     jobs = getattr(args, "jobs", 1)
     if jobs < 0:
         raise SystemExit(f"--jobs must be >= 0 (0: the free cores), got {jobs}")
-    jobs = jobs or (1 if torch.cuda.is_available() else free_cores())
-    torch.set_num_threads(args.threads or free_cores())  # with --jobs, for pretraining (workers take one each)
+    free = free_cores()  # samples the machine's load for 0.5 s: once
+    jobs = jobs or (1 if torch.cuda.is_available() else free)
+    torch.set_num_threads(args.threads or free)  # with --jobs, for pretraining (workers take one each)
     settings = settings_from_args(args)
     plan = optimizer_steps(settings)
     print(f"[quality] {torch.get_num_threads()} torch thread(s), {jobs} job(s); grid: {len(grid(settings))} backbones x "

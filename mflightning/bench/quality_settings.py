@@ -50,11 +50,6 @@ HEADLINE: dict[str, tuple[str, ...]] = {"retrieval": ("txt_r1", "img_r1"), "capt
 HEADLINE_LABELS = {"retrieval": "R@1 (TR, IR mean)", "captioning": "CIDEr", "vqa": "VQA acc"}
 
 
-# Task-module arguments beyond the family's: captioning runs with the task class's own optimiser defaults
-# and without METEOR (whose JVM start costs ~6 s per run). The demo, one cell of the benchmark, uses them too.
-TASK_MODULE_OPTIONS: dict[str, dict[str, Any]] = {"captioning": {"family_options": False, "meteor": False}}
-
-
 BUDGET_FIELDS = tuple(f.name for f in fields(TaskSettings))  # ("epochs", "lr", "batch_size")
 
 
