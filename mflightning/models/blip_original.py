@@ -83,6 +83,9 @@ BLIP_ENC_TOKEN_ID = 30523
 DEFAULT_EMBED_DIM = 256  # ITC embedding width when the file has no heads (BLIP's `embed_dim`)
 VISION_LAYER_NORM_EPS = 1e-6  # the original ViT's LayerNorm eps (transformers' default is 1e-5)
 TEXT_LAYER_NORM_EPS = 1e-12  # BERT's
+# The authors' configs/blip/med_config.json (every task's text encoder and decoder): dropout 0.1 after the
+# embeddings, on the attention probabilities and on each sub-layer's output; transformers' BlipTextConfig has 0.0.
+TEXT_DROPOUT = 0.1
 
 
 # ----------------------------------------------------------------------------- reading
@@ -234,7 +237,8 @@ def infer_blip_config(state: Mapping[str, torch.Tensor], source: str = "checkpoi
     Vision: width from ``cls_token``, patch size from ``patch_embed.proj``, image size from the
     ``pos_embed`` grid x patch size, depth from the ``blocks.N`` indices, FFN width from ``mlp.fc1``,
     LayerNorm eps 1e-6. Text (encoder, else the decoder's ``bert.``): vocabulary and width from the
-    word embeddings, positions, depth, FFN width; cross-attention width = the image encoder's.
+    word embeddings, positions, depth, FFN width; cross-attention width = the image encoder's;
+    hidden and attention dropout 0.1 (the authors' ``med_config.json``, not in the file).
     Heads: only the published widths (``HEADS_BY_WIDTH``: 768 -> 12, 1024 -> 16); other widths raise.
     Token ids: BLIP's tokenizer (vocabulary 30524: [PAD] 0, [SEP] 102, [DEC] 30522, [ENC] 30523); another
     vocabulary raises. ITC width from ``vision_proj`` (256 when the file has no heads).
@@ -289,7 +293,8 @@ def infer_blip_config(state: Mapping[str, torch.Tensor], source: str = "checkpoi
             f"for BLIP's tokenizer ({BLIP_VOCAB} tokens); pass config= with the text_config token ids"
         )
     text.update(num_attention_heads=_heads(text["hidden_size"], "text encoder/decoder", source),
-                layer_norm_eps=TEXT_LAYER_NORM_EPS, hidden_act="gelu", **BLIP_TOKEN_IDS)
+                layer_norm_eps=TEXT_LAYER_NORM_EPS, hidden_act="gelu", hidden_dropout_prob=TEXT_DROPOUT,
+                attention_probs_dropout_prob=TEXT_DROPOUT, **BLIP_TOKEN_IDS)
     embed_dim = state["vision_proj.weight"].shape[0] if "vision_proj.weight" in state else DEFAULT_EMBED_DIM
     config = BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=int(embed_dim))
     config.enc_token_id = BLIP_ENC_TOKEN_ID

@@ -452,3 +452,26 @@ def test_a_checkpoint_spec_dict_loads_the_file_at_the_task_resolution(pretrainin
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match=r"unknown keys \['strict'\] in the BLIP checkpoint spec"):
         BlipBackbone.from_spec({"checkpoint": str(path), "strict": False}, _Tokenizer())
+
+
+def test_text_dropout_is_the_authors_med_config_when_the_config_is_inferred():
+    """configs/blip/med_config.json: hidden and attention dropout 0.1 in every text encoder/decoder layer;
+    the original ViT has none (drop_rate=attn_drop_rate=0)."""
+    cfg = infer_blip_config(fake_original(768, 2, 224, text_depth=2), "model_base.pth")
+    with torch.device("meta"):
+        model = BlipBackbone(cfg)
+    text = [m.p for part in (model.text_encoder, model.text_decoder) for m in part.modules() if isinstance(m, torch.nn.Dropout)]
+    # per layer: self-attention probs + output, cross-attention probs + output, FFN output; plus the embeddings
+    assert len(text) == 2 * (1 + 2 * 5) and set(text) == {0.1}
+    vision = [m.p for m in model.vision_model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert set(vision) <= {0.0}
+    assert model.config.vision_config.drop_path_rate == 0.0  # ... and no stochastic depth unless asked for (VQA)
+
+
+def test_the_checkpoint_spec_sets_the_vits_drop_path(pretraining):
+    """`backbone: {checkpoint: ..., drop_path_rate: 0.1}` (the VQA recipes): BLIP's create_vit(drop_path_rate=0.1)."""
+    path, _ = pretraining
+    spec = BlipBackbone.from_spec({"checkpoint": str(path), "config": config().to_dict(), "drop_path_rate": 0.1},
+                                  _Tokenizer())
+    assert [layer.mlp._mfl_drop_path for layer in spec.vision_model.encoder.layers] == [0.0, pytest.approx(0.1)]
+    assert spec.config.vision_config.drop_path_rate == pytest.approx(0.1)
