@@ -311,6 +311,15 @@ class BlipBackbone(nn.Module):
         return load_backbone(cls, name_or_path, decoder_from, allow_missing, tie_decoder, hub_kwargs,
                              config=config, image_size=image_size)
 
+    @staticmethod
+    def load_momentum_(copy_: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """Momentum encoders of the authors' pretraining/retrieval ``.pth`` into ``copy_`` (a momentum copy of
+        a ``BlipBackbone``); returns the file's ITC queues, rows ``(queue_size, embed_dim)``. See
+        ``blip_original.load_original_momentum_``."""
+        from mflightning.models.blip_original import load_original_momentum_
+
+        return load_original_momentum_(copy_, path)
+
     def unused_parts(self, task: str) -> tuple[str, ...]:
         """Parts ``task`` never runs: the decoder for retrieval, the encoder and ITC/ITM heads for captioning."""
         if task not in UNUSED_PARTS:

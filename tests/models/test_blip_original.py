@@ -475,3 +475,38 @@ def test_the_checkpoint_spec_sets_the_vits_drop_path(pretraining):
                                   _Tokenizer())
     assert [layer.mlp._mfl_drop_path for layer in spec.vision_model.encoder.layers] == [0.0, pytest.approx(0.1)]
     assert spec.config.vision_config.drop_path_rate == pytest.approx(0.1)
+
+
+def test_retrieval_starts_its_momentum_encoders_and_queue_from_the_pretraining_file(pretraining, tmp_path):
+    """The authors' load_checkpoint fills BLIPRetrieval's visual_encoder_m/text_encoder_m/*_proj_m and its
+    image/text queues from model_base*.pth; their idx_queue stays -100 (no queued feature is a positive)."""
+    from mflightning.tasks import RetrievalModule
+
+    path, _ = pretraining
+    original = torch.load(path, weights_only=True)["model"]
+    spec = {"checkpoint": str(path), "config": config().to_dict(), "image_size": 48}
+    module = RetrievalModule(backbone=spec, tokenizer=_Tokenizer(), queue_size=QUEUE, momentum_from_checkpoint=True)
+    m, online = module.backbone_m, module.backbone
+    assert torch.equal(m.text_encoder.encoder.layer[1].crossattention.self.key.weight,
+                       original["text_encoder_m.encoder.layer.1.crossattention.self.key.weight"])
+    assert torch.equal(m.vision_model.encoder.layers[0].self_attn.qkv.weight,
+                       original["visual_encoder_m.blocks.0.attn.qkv.weight"])
+    assert torch.equal(m.vision_proj.weight, original["vision_proj_m.weight"])
+    assert torch.allclose(m.text_proj.weight, online.text_proj.weight + 0.01)  # not the online copy
+    # 32 -> 48 px: the file's momentum position table (online + 0.01) resized as the online one (bicubic weights
+    # sum to 1, so the offset stays)
+    assert m.vision_model.embeddings.position_embedding.shape == (1, 1 + 36, 32)
+    assert torch.allclose(m.vision_model.embeddings.position_embedding,
+                          online.vision_model.embeddings.position_embedding + 0.01, atol=1e-5)
+    q = module.queue
+    assert torch.equal(q.image_feat, original["image_queue"].t()) and torch.equal(q.text_feat, original["text_queue"].t())
+    assert q.image_idx.tolist() == [-1] * QUEUE and int(q.ptr) == 0
+    with pytest.raises(ValueError, match=r"image queue of shape \(6, 16\).*size 8.*queue_size=6"):
+        RetrievalModule(backbone=spec, tokenizer=_Tokenizer(), queue_size=8, momentum_from_checkpoint=True)
+    vqa = {k: v for k, v in original.items() if not k.endswith("_queue") and "_m." not in k}
+    write(tmp_path / "vqa.pth", vqa)
+    with pytest.raises(ValueError, match=r"vqa.pth: a .*checkpoint without momentum encoders"):
+        RetrievalModule(backbone={**spec, "checkpoint": str(tmp_path / "vqa.pth")}, tokenizer=_Tokenizer(),
+                        queue_size=QUEUE, momentum_from_checkpoint=True)
+    with pytest.raises(ValueError, match=r"needs momentum encoders"):
+        RetrievalModule(backbone=spec, tokenizer=_Tokenizer(), momentum=None, alpha=0.0, momentum_from_checkpoint=True)
