@@ -67,7 +67,7 @@ def test_pruning_recipes_select_their_method(model, stem):
         assert "data" not in data  # data-free
     else:
         assert data["data"]["class_path"] == "mflightning.data.CalibrationDataModule"
-        assert data["data"]["init_args"]["max_length"] == 30
+        assert data["data"]["init_args"]["max_length"] == (30 if model == "blip" else 40)  # their loaders' max_tokens
     if method == "itersnip":
         assert (pruning["rounds"], pruning["num_batches"]) == (60, 3000)
 
