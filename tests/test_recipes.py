@@ -67,7 +67,7 @@ def test_pruning_recipes_select_their_method(model, stem):
         assert "data" not in data  # data-free
     else:
         assert data["data"]["class_path"] == "mflightning.data.CalibrationDataModule"
-        assert data["data"]["init_args"]["max_length"] == 30
+        assert data["data"]["init_args"]["max_length"] == (30 if model == "blip" else 40)  # their loaders' max_tokens
     if method == "itersnip":
         assert (pruning["rounds"], pruning["num_batches"]) == (60, 3000)
 
@@ -210,3 +210,26 @@ def test_zero_shot_prune_recipe_writes_masks_the_test_recipe_applies(kind, tiny_
     assert set(kept) == set(saved.masks)
     assert all(torch.equal(kept[name], saved.masks[name].bool()) for name in kept)
     assert "r_mean" in cli.model.eval_results["test"]
+
+
+def test_paper_recipes_follow_the_authors_fine_tuning_protocol():
+    """Issue 23 part B: the authors' augmentation and text cleaning (tasks and calibration), BLIP VQA's drop path,
+    BLIP retrieval's momentum encoders and queue from the pretraining file, XVLM VQA's dense decoder, and the
+    optional XVLM captioning-pretraining stage that the captioning recipe can start from."""
+    for relative in sorted(AUTHORS) + [f"{m}/prune/{s}.yaml" for m in ("blip", "xvlm") for s in METHOD_RECIPES]:
+        data = load(relative)
+        if "data" not in data:
+            continue  # data-free pruning (omp, lamp, random)
+        datamodule = data["data"]["init_args"]
+        assert (datamodule["augment"], datamodule["text_cleaning"]) == ("authors", "authors"), relative
+    assert load("blip/vqa_vqav2.yaml")["model"]["init_args"]["backbone"]["drop_path_rate"] == 0.1
+    assert "drop_path_rate" not in load("blip/retrieval_coco.yaml")["model"]["init_args"]["backbone"]
+    assert load("blip/retrieval_coco.yaml")["model"]["init_args"]["momentum_from_checkpoint"] is True
+    assert load("xvlm/vqa_vqav2.yaml")["model"]["init_args"]["inherit_decoder_masks"] is False
+    stage = load("xvlm/captioning_pretrain.yaml")
+    model, trainer = stage["model"]["init_args"], stage["trainer"]
+    assert (trainer["max_epochs"], trainer["gradient_clip_val"], model["lr"], model["prompt"],
+            model["label_smoothing"]) == (1, 1.0, 3e-5, "", 0.0)
+    saved = [c["init_args"]["dirpath"] for c in trainer["callbacks"] if c["class_path"].endswith("SaveBackbone")]
+    assert saved == ["outputs/xvlm/captioning_pretrain/backbone"]
+    assert f"checkpoint: {saved[0]}" in (RECIPES / "xvlm/captioning_coco.yaml").read_text()

@@ -213,6 +213,23 @@ MUTANTS: tuple[Mutant, ...] = (
            "self.scores, sparsity, self.allocation, groups=self.groups, magnitudes=self.magnitudes",
            "self.scores, self.target_sparsity, self.allocation, groups=self.groups, magnitudes=self.magnitudes",
            ".at() re-thresholds at the old sparsity"),
+    # ---------------------------------------------------------------- fine-tuning as the authors (issue 23)
+    Mutant("text-dropout-zero", "mflightning/models/blip_original.py", "TEXT_DROPOUT = 0.1", "TEXT_DROPOUT = 0.0",
+           "BLIP's text dropout falls back to transformers' 0.0", tests=("tests/models/test_blip_original.py",)),
+    Mutant("drop-path-uniform", "mflightning/models/stochastic_depth.py",
+           "    rates = layer_rates(rate, len(layers))", "    rates = [float(rate)] * len(layers)",
+           "every ViT layer drops at the full rate instead of linspace(0, rate, depth)",
+           tests=("tests/models/test_blip.py",)),
+    Mutant("loaded-queue-positive", "mflightning/tasks/momentum.py", "        self.idx_queue.fill_(-1)",
+           "        self.idx_queue.fill_(0)", "the pretraining queue's rows count as image 0's positives",
+           tests=("tests/models/test_blip_original.py",)),
+    Mutant("xvlm-decoder-always-inherits", "mflightning/tasks/xvlm_tasks.py",
+           "            self.pruning_preset = DENSE_DECODER_PRESET", "            pass",
+           "inherit_decoder_masks=False still masks the XVLM VQA decoder", tests=("tests/tasks/test_xvlm_tasks.py",)),
+    Mutant("augment-always-applied", "mflightning/data/transforms.py",
+           "            if float(torch.rand(())) > self.prob:", "            if False:",
+           "the authors' RandomAugment applies every drawn op (p=1 instead of 0.5)",
+           tests=("tests/data/test_authors_augment_and_text.py",)),
 )
 
 

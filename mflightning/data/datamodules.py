@@ -94,13 +94,16 @@ class _KarpathyDataModule(VLDataModule):
         super().__init__(image_root, **kwargs)
         self.train_json, self.val_json, self.test_json = train_json, val_json, test_json
 
+    #: Whose word cap the authors' text cleaning applies to the captions (``cleaning.AUTHORS_MAX_WORDS``).
+    text_kind = "retrieval"
+
     def _build_dataset(self, split: str) -> Dataset:
         if split == "train":
             return ImageTextDataset(self._records("train"), self.image_root, self.train_transform(),
-                                    self.skip_bad_records, prompt=self._prompt())
+                                    self.skip_bad_records, prompt=self._prompt(), clean=self.cleaner(self.text_kind))
         if split in ("val", "test"):
             return ImageCaptionsDataset(self._records(split), self.image_root, self.test_transform(),
-                                        self.skip_bad_records)
+                                        self.skip_bad_records, clean=self.cleaner(self.text_kind))
         return super()._build_dataset(split)
 
     def _prompt(self) -> str:
@@ -141,6 +144,8 @@ class CaptionDataModule(_KarpathyDataModule):
                  image_root: str = ".", max_length: int = 40, prompt: str = "a picture of ", **kwargs: Any):
         super().__init__(train_json, val_json, test_json, image_root, max_length=max_length, **kwargs)
         self.prompt = prompt
+
+    text_kind = "captioning"
 
     def _prompt(self) -> str:
         return self.prompt
@@ -212,10 +217,11 @@ class VQADataModule(VLDataModule):
     def _build_dataset(self, split: str) -> Dataset:
         if split == "train":
             return VQADataset(self._records("train"), self.image_root, self.train_transform(), train=True,
-                              skip_bad_records=self.skip_bad_records, vg_answer_weight=self.vg_answer_weight)
+                              skip_bad_records=self.skip_bad_records, vg_answer_weight=self.vg_answer_weight,
+                              clean=self.cleaner("vqa_train"))
         if split in ("val", "test"):
             return VQADataset(self._records(split), self.image_root, self.test_transform(), train=False,
-                              skip_bad_records=self.skip_bad_records)
+                              skip_bad_records=self.skip_bad_records, clean=self.cleaner("vqa_test"))
         return super()._build_dataset(split)
 
     def setup(self, stage: str | None = None) -> None:

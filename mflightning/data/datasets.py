@@ -31,6 +31,14 @@ log = logging.getLogger("mflightning.data")
 JsonPaths = str | os.PathLike | Sequence[str | os.PathLike]
 
 
+def cleaned(clean: Callable[[str], str], text: str, item: Loaded) -> str:
+    """``clean(text)``; a text it refuses (empty after cleaning) is an error naming the file and record."""
+    try:
+        return clean(text)
+    except ValueError as exc:
+        raise DataRecordError(f"{item.source}: record {item.index}: {exc}") from None
+
+
 class _ImageDataset(Dataset):
     """Shared image loading: decode errors name the image and its record; skip mode returns None."""
 
@@ -77,11 +85,12 @@ class ImageTextDataset(_ImageDataset):
     """
 
     def __init__(self, json_paths: JsonPaths, image_root: str, transform: Callable,
-                 skip_bad_records: bool = False, prompt: str = "", augment_seed: int | None = None):
+                 skip_bad_records: bool = False, prompt: str = "", augment_seed: int | None = None,
+                 clean: Callable[[str], str] = clean_text):
         items = load_records(json_paths, image_root, parse_caption_record, skip_bad_records)
         super().__init__(items, transform, skip_bad_records, augment_seed)
         self.prompt = prompt
-        self.texts = [prompt + clean_text(item.record.caption) for item in items]
+        self.texts = [prompt + cleaned(clean, item.record.caption, item) for item in items]
         image_index: dict[str, int] = {}
         self.image_idx = []
         for item in items:
@@ -104,7 +113,7 @@ class ImageCaptionsDataset(_ImageDataset):
     """
 
     def __init__(self, json_paths: JsonPaths, image_root: str, transform: Callable,
-                 skip_bad_records: bool = False):
+                 skip_bad_records: bool = False, clean: Callable[[str], str] = clean_text):
         items = load_records(json_paths, image_root, parse_captions_record, skip_bad_records)
         super().__init__(items, transform, skip_bad_records)
         seen: dict[str, Loaded] = {}
@@ -120,7 +129,7 @@ class ImageCaptionsDataset(_ImageDataset):
         self.text_idx: list[list[int]] = []
         for image_idx, item in enumerate(items):
             start = len(self.texts)
-            self.texts += [clean_text(c) for c in item.record.captions]
+            self.texts += [cleaned(clean, c, item) for c in item.record.captions]
             self.text_image_idx += [image_idx] * len(item.record.captions)
             self.text_idx.append(list(range(start, len(self.texts))))
         self.num_images = len(items)
@@ -147,13 +156,14 @@ class VQADataset(_ImageDataset):
     file has them, the raw human `answers`."""
 
     def __init__(self, json_paths: JsonPaths, image_root: str, transform: Callable, train: bool,
-                 skip_bad_records: bool = False, vg_answer_weight: float | None = None):
+                 skip_bad_records: bool = False, vg_answer_weight: float | None = None,
+                 clean: Callable[[str], str] = clean_text):
         parse = parse_vqa_train_record if train else parse_vqa_test_record
         items = load_records(json_paths, image_root, parse, skip_bad_records)
         super().__init__(items, transform, skip_bad_records)
         self.train = train
         self.vg_answer_weight = vg_answer_weight
-        self.questions = [clean_text(item.record.question) for item in items]
+        self.questions = [cleaned(clean, item.record.question, item) for item in items]
         with_answers = [item.record.answers is not None for item in items]
         self.has_answers = all(with_answers)
         if not train and any(with_answers) and not self.has_answers:

@@ -44,6 +44,7 @@ from mflightning.models.blip_checkpoints import DEFAULT_TEMP, load_backbone, sav
 from mflightning.models.blip_config import as_blip_config, config_from_tokenizer, tiny_config
 from mflightning.models.interface import with_first_token
 from mflightning.models.state import checkpoint_spec
+from mflightning.models.stochastic_depth import set_drop_path_
 from mflightning.pruning.presets import register_preset
 
 PRESET_NAME = "blip"
@@ -147,8 +148,17 @@ class BlipBackbone(nn.Module):
         config.tie_decoder = False
         for text_model in (self.text_encoder, self.text_decoder):
             honour_cross_attention_masks(text_model)
+        self.set_drop_path_(getattr(config.vision_config, "drop_path_rate", 0.0))
         if tie:
             self.tie_decoder_()
+
+    def set_drop_path_(self, rate: float) -> "BlipBackbone":
+        """Stochastic depth in the ViT as the authors' ``create_vit(drop_path_rate=rate)`` (0.1 for VQA, else 0):
+        layer i drops each residual branch with ``linspace(0, rate, depth)[i]``; kept in
+        ``config.vision_config.drop_path_rate`` (saved with the backbone); 0 switches it off."""
+        set_drop_path_(self.vision_model.encoder.layers, rate, branches=("self_attn", "mlp"))
+        self.config.vision_config.drop_path_rate = float(rate)
+        return self
 
     @property
     def enc_token_id(self) -> int:
@@ -217,19 +227,23 @@ class BlipBackbone(nn.Module):
     @classmethod
     def from_spec(cls, spec: Any, tokenizer: Any, decoder_from: str | None = None) -> "BlipBackbone":
         """Backbone from a hub name / local dir / original ``.pth`` file, a dict ``{"checkpoint": path,
-        "image_size": ..., "config": ..., "allow_missing": [...]}`` (``from_pretrained``'s arguments, e.g.
-        the authors' 224 px pretraining file fine-tuned at 384 px), a config dict (token ids and vocab
-        filled from the tokenizer) or an existing ``BlipBackbone``; always untied (encoder and decoder
-        train as separate copies)."""
+        "image_size": ..., "config": ..., "allow_missing": [...], "drop_path_rate": ...}``
+        (``from_pretrained``'s arguments, e.g. the authors' 224 px pretraining file fine-tuned at 384 px,
+        plus the ViT's stochastic depth, ``set_drop_path_``), a config dict (token ids and vocab filled
+        from the tokenizer; ``vision_config.drop_path_rate`` likewise) or an existing ``BlipBackbone``;
+        always untied (encoder and decoder train as separate copies)."""
         if isinstance(spec, cls):
             backbone = spec
         elif isinstance(spec, (str, os.PathLike)):
             backbone = cls.from_pretrained(spec, decoder_from=decoder_from)
         elif isinstance(spec, Mapping) and "checkpoint" in spec:
-            path, options = checkpoint_spec(spec, ("image_size", "config", "allow_missing"), "BLIP")
+            path, options = checkpoint_spec(spec, ("image_size", "config", "allow_missing", "drop_path_rate"), "BLIP")
             if "allow_missing" in options:
                 options["allow_missing"] = tuple(options["allow_missing"])
+            drop_path_rate = options.pop("drop_path_rate", None)
             backbone = cls.from_pretrained(path, decoder_from=decoder_from, **options)
+            if drop_path_rate is not None:
+                backbone.set_drop_path_(drop_path_rate)
         elif isinstance(spec, Mapping):
             backbone = cls.from_config(config_from_tokenizer(spec, tokenizer))
         elif spec is None:
@@ -296,6 +310,15 @@ class BlipBackbone(nn.Module):
         """
         return load_backbone(cls, name_or_path, decoder_from, allow_missing, tie_decoder, hub_kwargs,
                              config=config, image_size=image_size)
+
+    @staticmethod
+    def load_momentum_(copy_: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """Momentum encoders of the authors' pretraining/retrieval ``.pth`` into ``copy_`` (a momentum copy of
+        a ``BlipBackbone``); returns the file's ITC queues, rows ``(queue_size, embed_dim)``. See
+        ``blip_original.load_original_momentum_``."""
+        from mflightning.models.blip_original import load_original_momentum_
+
+        return load_original_momentum_(copy_, path)
 
     def unused_parts(self, task: str) -> tuple[str, ...]:
         """Parts ``task`` never runs: the decoder for retrieval, the encoder and ITC/ITM heads for captioning."""

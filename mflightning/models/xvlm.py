@@ -85,6 +85,20 @@ register_preset(
     "the VQA decoder copied from them (inherits their masks); heads dense",
 )
 
+# The authors' default for XVLM VQA (their vqa.py without --inherit_mask): the answer decoder, copied from the
+# dense pretrained fusion layers, keeps all its weights (masks of ones) and trains dense; only the other
+# layers are masked. A task module selects it by its `pruning_preset` (XVLMVQAModule(inherit_decoder_masks=False)).
+DENSE_DECODER_PRESET = "xvlm_dense_decoder"
+register_preset(
+    DENSE_DECODER_PRESET,
+    groups={**XVLM_GROUPS, "fusion": _ANY_PREFIX + r"fusion_encoder\.layer\."},
+    exclude=XVLM_EXCLUDE + (_ANY_PREFIX + r"text_decoder\.",),
+    unfiltered=XVLM_UNFILTERED,
+    image_groups=("vision",),
+    description="XVLM with a dense VQA decoder (the authors' default): as 'xvlm', the decoder copied from the "
+    "fusion layers neither inherits their masks nor is pruned",
+)
+
 # Backbone parts each task never runs in training (frozen by the task modules). The MLM head's
 # transform and bias serve MLM pretraining and captioning only (its output weight is the word
 # embedding matrix, which every task trains).

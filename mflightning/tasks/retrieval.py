@@ -14,7 +14,7 @@ from mflightning.losses import (MatchCandidates, itc_itm_losses, itc_similarity,
 from mflightning.tasks.base import EvaluationLoop, TaskModule, _require
 from mflightning.tasks.distributed import (all_gather, gather_objects, gather_shapes, gather_sizes, pad_length,
                                           rank, to_cpu, world_size)
-from mflightning.tasks.momentum import FeatureQueue, ema_copy, momentum_update_, ramped_alpha
+from mflightning.tasks.momentum import FeatureQueue, ema_copy, momentum_update_, ramped_alpha, start_from_checkpoint_
 from mflightning.tasks.ranking import (SHARED_KEYS, RetrievalSet, merge_outputs,  # noqa: F401
                                        recall_from_scores, rerank_pairs, rerank_scores, topk_score_matrices)
 
@@ -50,6 +50,9 @@ class RetrievalModule(EvaluationLoop, TaskModule):
         queue_size: rows of the (image feature, text feature, image id) queue; 0: no queue. Any
             global batch size works (the queue wraps around); empty slots are not read.
         alpha: weight of momentum distillation (needs ``momentum``); 0: hard positive targets.
+        momentum_from_checkpoint: start the momentum encoders and the queue (full, no positives) from the
+            backbone's checkpoint file, which must hold them (BLIP's pretraining ``.pth``), as the authors'
+            retrieval does; False: copies of the backbone and an empty queue.
         gather: ITC keys and ITM negatives over the global batch when several processes train;
             False: each process's own batch only (the queue still takes the global batch, so every
             process holds the same one). BLIP's own code scores each process's rows against its
@@ -79,7 +82,8 @@ class RetrievalModule(EvaluationLoop, TaskModule):
     momentum_parts: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, *args: Any, k_test: int = 256, itm_batch_size: int = 128, momentum: float | None = 0.995,
-                 queue_size: int = 57600, alpha: float = 0.4, gather: bool = True, **kwargs: Any):
+                 queue_size: int = 57600, alpha: float = 0.4, gather: bool = True,
+                 momentum_from_checkpoint: bool = False, **kwargs: Any):
         kwargs.setdefault("lr", 1e-5)
         kwargs.setdefault("weight_decay", 0.05)
         if k_test < 1 or itm_batch_size < 1:
@@ -106,6 +110,8 @@ class RetrievalModule(EvaluationLoop, TaskModule):
             # the momentum encoders copy the backbone's weights: they take its pruning masks by rule
             self.pruning_copies = {"backbone_m.": "backbone."}
         self.queue = FeatureQueue(queue_size, self._feature_dim()) if queue_size else None
+        if momentum_from_checkpoint:
+            start_from_checkpoint_(self.backbone, self.backbone_m, self.queue, self.hparams.get("backbone"))
 
     def _momentum_parts(self) -> tuple[str, ...]:
         if self.momentum_parts is not None:

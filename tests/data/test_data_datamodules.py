@@ -3,6 +3,8 @@
 import json
 from types import SimpleNamespace
 
+from typing import Literal
+
 import pytest
 import torch
 
@@ -301,8 +303,9 @@ def test_calibration_settings_are_checked_and_named():
 
 # The shared arguments of VLDataModule, which the task datamodules take through **kwargs.
 SHARED = {"tokenizer": str, "image_size": int, "batch_size": int, "eval_batch_size": int | None, "num_workers": int,
-          "max_length": int, "skip_bad_records": bool, "augment": bool, "hflip": bool,
-          "crop_scale": tuple[float, float], "seed": int, "calibration.json": str | list[str] | None,
+          "max_length": int, "skip_bad_records": bool, "augment": bool | Literal["torchvision", "authors"],
+          "hflip": bool, "crop_scale": tuple[float, float], "seed": int,
+          "text_cleaning": Literal["blip", "authors"], "calibration.json": str | list[str] | None,
           "calibration.image_root": str | None, "calibration.image_size": int, "calibration.batch_size": int,
           "calibration.max_length": int, "calibration.crop_scale": tuple[float, float]}
 
@@ -335,7 +338,7 @@ def test_calibration_recipes_see_their_own_arguments_only():
     parser.add_class_arguments(CalibrationDataModule, "data")
     actions = {a.dest[len("data."):]: a for a in parser._actions if a.dest.startswith("data.")}
     assert set(actions) == {"calibration_json", "image_root", "image_size", "batch_size", "max_length", "crop_scale",
-                            "tokenizer", "num_workers", "skip_bad_records", "augment", "hflip", "seed"}
+                            "tokenizer", "num_workers", "skip_bad_records", "augment", "hflip", "seed", "text_cleaning"}
     assert (actions["image_size"].default, actions["max_length"].default, actions["crop_scale"].default) == \
         (224, 30, (0.2, 1.0))
     assert actions["tokenizer"]._typehint is str and actions["seed"]._typehint is int
