@@ -82,9 +82,13 @@ class XVLMCaptioningModule(XVLMSettings, CaptioningModule):
 
 class XVLMVQAModule(XVLMSettings, VQAModule):
     """XVLM generative VQA (VQA v2 protocol; authors: lr 5e-5, 10 epochs): question through the text and
-    fusion encoders, answers from ``backbone.text_decoder`` (added if absent: a copy of the fusion layers)."""
+    fusion encoders, answers from ``backbone.text_decoder`` (added if absent: a copy of the fusion layers).
+    The answer loss has no label smoothing, as the authors' decoder (``label_smoothing=0.0``)."""
 
     default_lr = 5e-5
+
+    def __init__(self, *args: Any, label_smoothing: float = 0.0, **kwargs: Any):
+        super().__init__(*args, label_smoothing=label_smoothing, **kwargs)
 
 
 def build_xvlm_backbone(spec: Any, tokenizer: Any) -> XVLMBackbone:
