@@ -253,6 +253,7 @@ def task_datamodule(task: str, world, *, image_size: int, batch_size: int, seed:
     if task == "vqa":
         return full_view(VQADataModule)(train_json=[world.vqa_train, world.vg_train], test_json=world.vqa_test,
                                         answer_list_json=world.answer_list, max_length=20, answer_max_length=6,
+                                        vg_answer_weight=None,  # weight 1 per VG answer: the committed tables' setting
                                         **common)
     raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}")
 
