@@ -135,8 +135,9 @@ class VQAModule(EvaluationLoop, TaskModule):
         return self._answer_tokens
 
     @torch.no_grad()
-    def rank_answers(self, q_states: torch.Tensor, q_mask: torch.Tensor) -> torch.Tensor:
-        """Index into ``answer_list`` of each question's answer (first-token top-k, then ``rank_score``)."""
+    def answer_scores(self, q_states: torch.Tensor, q_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each question's top ``k_test`` candidates by first-token probability (indices into ``answer_list``,
+        ``(questions, k)``) and their ``rank_score`` (same shape)."""
         answer_ids, answer_mask = self._answers()
         n_questions, n_candidates = q_states.size(0), answer_ids.size(0)
         k = min(self.k_test, n_candidates)
@@ -158,8 +159,13 @@ class VQAModule(EvaluationLoop, TaskModule):
             scores[s:s + per_chunk] = -nll.view(-1, k)
         if self.rank_score == "first_token_twice":
             scores = scores + topk_prob.log()
-        best = scores.argmax(dim=1)
-        return topk[torch.arange(n_questions, device=topk.device), best]
+        return topk, scores
+
+    @torch.no_grad()
+    def rank_answers(self, q_states: torch.Tensor, q_mask: torch.Tensor) -> torch.Tensor:
+        """Index into ``answer_list`` of each question's answer (first-token top-k, then ``rank_score``)."""
+        topk, scores = self.answer_scores(q_states, q_mask)
+        return topk[torch.arange(topk.size(0), device=topk.device), scores.argmax(dim=1)]
 
     @torch.no_grad()
     def predict_answers(self, batch: Mapping[str, Any]) -> list[str]:
