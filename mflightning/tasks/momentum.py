@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -47,10 +48,19 @@ def ema_copy(backbone: nn.Module, parts: Iterable[str]) -> nn.Module:
     return copied
 
 
+#: ``"ema"``: ``p_m = m * p_m + (1 - m) * p``; ``"swapped"``: ``p_m = m * p + (1 - m) * p_m`` (the MultiFlow
+#: authors' ``_external_momentum_update`` in ``models/blip/blip_retrieval.py``).
+MomentumRule = Literal["ema", "swapped"]
+MOMENTUM_RULES = ("ema", "swapped")
+
+
 @torch.no_grad()
-def momentum_update_(target: nn.Module, source: nn.Module, momentum: float) -> None:
+def momentum_update_(target: nn.Module, source: nn.Module, momentum: float, rule: MomentumRule = "ema") -> None:
     """``p_m = momentum * p_m + (1 - momentum) * p`` for every parameter of ``target``, ``p`` being the
-    parameter of the same name in ``source`` (exact zeros stay zero: ``m * 0 + (1 - m) * 0 == 0``)."""
+    parameter of the same name in ``source`` (exact zeros stay zero: ``m * 0 + (1 - m) * 0 == 0``);
+    ``rule="swapped"`` exchanges the weights: ``p_m = momentum * p + (1 - momentum) * p_m``."""
+    if rule not in MOMENTUM_RULES:
+        raise ValueError(f"momentum rule must be one of {MOMENTUM_RULES}, got {rule!r}")
     params = dict(source.named_parameters())
     unmatched = [name for name, _ in target.named_parameters() if name not in params]
     if unmatched:  # e.g. the backbone was re-parametrised after the copy was made: the copy would freeze
@@ -60,8 +70,9 @@ def momentum_update_(target: nn.Module, source: nn.Module, momentum: float) -> N
     if not pairs:
         return
     targets, sources = [p for p, _ in pairs], [p.detach() for _, p in pairs]
-    torch._foreach_mul_(targets, momentum)
-    torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
+    kept = momentum if rule == "ema" else 1.0 - momentum  # the weight of the momentum parameter itself
+    torch._foreach_mul_(targets, kept)
+    torch._foreach_add_(targets, sources, alpha=1.0 - kept)
 
 
 def ramped_alpha(alpha: float, epoch: int, batch_idx: int, batches_per_epoch: float) -> float:
@@ -132,4 +143,4 @@ class FeatureQueue(nn.Module):
         return f"size={self.size}, dim={self.image_queue.size(1)}"
 
 
-__all__ = ["FeatureQueue", "ema_copy", "momentum_update_", "ramped_alpha"]
+__all__ = ["FeatureQueue", "MOMENTUM_RULES", "MomentumRule", "ema_copy", "momentum_update_", "ramped_alpha"]

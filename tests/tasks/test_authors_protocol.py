@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from task_fixtures import BLIP, BOTH, XVLM, make_tokenizer, vqa_loaders
+from task_fixtures import BLIP, BOTH, XVLM, calibration_batch, make_tokenizer, vqa_loaders
+from mflightning.tasks.momentum import momentum_update_
 
 MULTI_TOKEN_ANSWERS = ["red square", "blue", "a big circle", "no", "white stripe"]
 
@@ -88,3 +89,40 @@ def test_xvlm_vqa_answer_loss_has_no_label_smoothing(tokenizer):
     logits = module.backbone.decode(ids, att, q, q_mask).float()[:, :-1]
     ce = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none") * att[:, 1:]
     assert loss.item() == pytest.approx((ce.sum(1) * b["answer_weights"]).sum().item() / 2, rel=1e-5)
+
+
+def test_momentum_rules_on_two_tensors():
+    """ema: p_m = 0.995 p_m + 0.005 p; swapped (the MultiFlow authors' BLIP retrieval): p_m = 0.995 p + 0.005 p_m."""
+    source, target = torch.nn.Linear(2, 1, bias=False), torch.nn.Linear(2, 1, bias=False)
+    for rule, expected in (("ema", [[2.99, 4.985]]), ("swapped", [[1.01, 2.015]])):
+        with torch.no_grad():
+            source.weight.copy_(torch.tensor([[1.0, 2.0]]))
+            target.weight.copy_(torch.tensor([[3.0, 5.0]]))
+        momentum_update_(target, source, 0.995, rule)
+        torch.testing.assert_close(target.weight, torch.tensor(expected), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="momentum rule"):
+        momentum_update_(target, source, 0.995, "nesterov")
+
+
+def test_retrieval_module_applies_the_swapped_momentum_rule(tokenizer):
+    """A training step first moves the momentum encoders: with momentum_rule='swapped' to 0.995 p + 0.005 p_m."""
+    torch.manual_seed(0)
+    module = BLIP.module("retrieval", tokenizer, queue_size=0, alpha=0.0, momentum_rule="swapped")
+    with torch.no_grad():  # online and momentum weights apart, so the two rules give different results
+        for p in module.backbone.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    before = {n: p.detach().clone() for n, p in module.backbone_m.named_parameters()}
+    online = dict(module.backbone.named_parameters())
+    batch = calibration_batch(tokenizer, n=4)
+    batch["image_idx"] = torch.arange(4)
+    module.retrieval_losses(batch)
+    assert len(before) > 20
+    for name, p_m in module.backbone_m.named_parameters():
+        expected = 0.995 * online[name].detach() + 0.005 * before[name]
+        torch.testing.assert_close(p_m, expected, rtol=1e-6, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="momentum_rule"):
+        BLIP.module("retrieval", tokenizer, momentum_rule="swap")
+    with pytest.raises(ValueError, match="itm_negatives"):
+        XVLM.module("retrieval", tokenizer, itm_negatives="all")
+    with pytest.raises(ValueError, match="gather_backward"):
+        XVLM.module("retrieval", tokenizer, gather_backward="mean")
