@@ -126,3 +126,34 @@ def test_retrieval_module_applies_the_swapped_momentum_rule(tokenizer):
         XVLM.module("retrieval", tokenizer, itm_negatives="all")
     with pytest.raises(ValueError, match="gather_backward"):
         XVLM.module("retrieval", tokenizer, gather_backward="mean")
+
+
+def test_blip_captioning_generated_normalisation_is_transformers_and_sequence_selectable(tokenizer):
+    """BLIP generates with transformers 5's beam search; our beam search with the same ("generated")
+    normalisation picks the same captions, so length_normalisation="sequence" (transformers 4.31's,
+    run on our beam search) is the only change."""
+    from mflightning.models.generation import beam_search
+
+    torch.manual_seed(0)
+    module = BLIP.module("captioning", tokenizer, max_generated_length=9, min_generated_length=5).eval()
+    images = calibration_batch(tokenizer, n=3)["image"]
+    bb = module.backbone
+    embeds = bb.encode_image(images)
+    prompt = module.decoder_ids(tokenizer([module.prompt] * 3, return_tensors="pt").input_ids[:, :-1])
+    kwargs = dict(num_beams=3, min_length=5, max_length=9, eos_token_id=tokenizer.sep_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    beams = embeds.repeat_interleave(3, 0)
+
+    def step(seqs):
+        return bb.caption_logits(seqs, torch.ones_like(seqs), beams)[:, -1]
+
+    ours = beam_search(step, prompt, 3, 5, 9, tokenizer.sep_token_id)
+    hf = [[t for t in ids if t not in (tokenizer.sep_token_id, tokenizer.pad_token_id)]
+          for ids in bb.generate_caption(prompt, embeds, **kwargs)]
+    assert ours == hf
+    module.length_normalisation = "sequence"
+    assert module.generate(images) == [tokenizer.decode(ids, skip_special_tokens=True).strip()
+                                       for ids in beam_search(step, prompt, 3, 5, 9, tokenizer.sep_token_id,
+                                                              length_normalisation="sequence")]
+    with pytest.raises(ValueError, match="length_normalisation"):
+        BLIP.module("captioning", tokenizer, length_normalisation="tokens")
