@@ -56,7 +56,9 @@ class XVLMRetrievalModule(XVLMSettings, RetrievalModule):
     """XVLM image-text retrieval (COCO/Flickr protocol; authors: lr 3e-5, wd 0.01, 10 epochs).
 
     Training: ITC + ITM with hard negatives over the global batch (gathered across processes with
-    gradients, ``gather=True``; captions of one image are positives). XVLM trains without momentum
+    gradients, ``gather=True``; captions of one image are positives). The authors' code instead gives
+    the encoders 1/world of the exact ITC gradient and draws ITM negatives from each process's batch:
+    ``gather_backward="local", itm_negatives="local"`` (the paper recipe). XVLM trains without momentum
     encoders, queue or distillation (``momentum=None, queue_size=0, alpha=0``; each can be switched on,
     the momentum encoders copying the ITC encoders and projections). Evaluation: ITC similarities of all pairs; each
     query's top ``k_test`` re-scored by the ITM logit alone.
