@@ -218,6 +218,8 @@ XVLM = register_family(BackboneFamily(
     name="xvlm", cache_prefix=f"xvlm-pretrained-v{XVLM_CACHE_VERSION}", small_config=xvlm_small_config,
     pretrain_class=XVLMPretrainModule, backbone_class=XVLMBackbone,
     task_classes={"retrieval": XVLMRetrievalModule, "captioning": XVLMCaptioningModule, "vqa": XVLMVQAModule},
+    # VQA keeps label smoothing 0.1 (XVLMVQAModule's default is now the authors' 0.0): the committed tables' setting
+    finetune_options={"vqa": {"label_smoothing": 0.1}},
 ))
 
 
