@@ -38,7 +38,8 @@ class RetrievalModule(EvaluationLoop, TaskModule):
       the targets mix in their similarities: ``alpha * softmax(sim_m) + (1 - alpha) * positives``,
       ``alpha`` ramped from 0 over the first epoch (``alpha * min(1, batch / batches_per_epoch)``).
     - ITM: each caption's positive pair, a hard-negative image and a hard-negative caption, drawn
-      from the global batch by the softmax of the online ITC similarities, never of the same image.
+      from the global batch (``itm_negatives="local"``: the process's own) by the softmax of the online
+      ITC similarities, never of the same image.
 
     Args (besides ``TaskModule``'s):
         k_test: candidates per query re-scored by ITM at evaluation.
