@@ -230,6 +230,24 @@ MUTANTS: tuple[Mutant, ...] = (
            "            if float(torch.rand(())) > self.prob:", "            if False:",
            "the authors' RandomAugment applies every drawn op (p=1 instead of 0.5)",
            tests=("tests/data/test_authors_augment_and_text.py",)),
+    # ---------------------------------------------------------------- fine-tuning as the authors (issue 23, part A)
+    Mutant("vg-weight-unset", "mflightning/data/datasets.py", "VG_ANSWER_WEIGHT = 0.5", "VG_ANSWER_WEIGHT = None",
+           "Visual Genome answers weighted like VQA's again", tests=("tests/data/test_vqa_authors_protocol.py",)),
+    Mutant("vqa-flip-careless", "mflightning/data/datasets.py",
+           "return self.hflip and not mentions_left_or_right(record.question, record.answers or ())",
+           "return self.hflip", "VQA flips questions about left/right",
+           tests=("tests/data/test_vqa_authors_protocol.py",)),
+    Mutant("momentum-swapped-as-ema", "mflightning/tasks/momentum.py",
+           'kept = momentum if rule == "ema" else 1.0 - momentum', "kept = momentum",
+           "the authors' swapped momentum rule runs as the EMA", tests=("tests/tasks/test_authors_protocol.py",)),
+    Mutant("xvlm-gather-exact", "mflightning/tasks/retrieval.py",
+           'if many and self.gather_backward == "local":', "if False:",
+           "gather_backward='local' gives the exact gradient", tests=("tests/tasks/test_gather_backward.py",)),
+    Mutant("rank-first-token-once", "mflightning/tasks/vqa.py", "scores = scores + topk_prob.log()", "pass",
+           "XVLM's ranking counts the first token once", tests=("tests/tasks/test_authors_protocol.py",)),
+    Mutant("beam-sequence-as-generated", "mflightning/models/generation.py",
+           "finished_length = seqs.size(1) if by_sequence else generated", "finished_length = generated",
+           "4.31's beam scores divide by the generated tokens", tests=("tests/models/test_generation.py",)),
 )
 
 

@@ -187,9 +187,11 @@ class VLDataModule(L.LightningDataModule):
             self._tokenizer = build_tokenizer(self.tokenizer_name)
         return self._tokenizer
 
-    def train_transform(self):
-        """Task training transform: RandomResizedCrop(crop_scale, default 0.5-1), flip, RandAugment."""
-        return build_train_transform(self.image_size, self.crop_scale, self.augment, self.hflip)
+    def train_transform(self, hflip: bool | None = None):
+        """Task training transform: RandomResizedCrop(crop_scale, default 0.5-1), flip (``hflip``, default
+        the datamodule's; VQA flips in its dataset instead), RandAugment."""
+        return build_train_transform(self.image_size, self.crop_scale, self.augment,
+                                     self.hflip if hflip is None else hflip)
 
     def cleaner(self, kind: str):
         """How texts of ``kind`` (``cleaning.AUTHORS_MAX_WORDS``' keys) are cleaned under ``text_cleaning``."""

@@ -42,6 +42,7 @@ from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, Bli
 from mflightning.losses import itc_itm_losses, itc_loss, sample_hard_negatives, shifted_lm_loss
 from mflightning.models.blip_checkpoints import DEFAULT_TEMP, load_backbone, save_backbone, unique_state
 from mflightning.models.blip_config import as_blip_config, config_from_tokenizer, tiny_config
+from mflightning.models.generation import beam_search
 from mflightning.models.interface import with_first_token
 from mflightning.models.state import checkpoint_spec
 from mflightning.models.stochastic_depth import set_drop_path_
@@ -412,8 +413,18 @@ class BlipBackbone(nn.Module):
     @torch.no_grad()
     def generate_caption(self, prompt_ids: torch.Tensor, image_embeds: torch.Tensor, *, num_beams: int,
                          min_length: int, max_length: int, eos_token_id: int, pad_token_id: int,
-                         repetition_penalty: float = 1.0) -> list[list[int]]:
-        """transformers beam search with the decoder from ``prompt_ids`` ([DEC] first); ids after the prompt."""
+                         repetition_penalty: float = 1.0, length_normalisation: str = "generated") -> list[list[int]]:
+        """transformers beam search with the decoder from ``prompt_ids`` ([DEC] first); ids after the prompt.
+        ``length_normalisation="sequence"`` (transformers 4.31's scores, which transformers 5 cannot give) runs
+        ``mflightning.models.generation.beam_search`` over the decoder instead (no KV cache: slower)."""
+        if length_normalisation != "generated":
+            beams = image_embeds.repeat_interleave(num_beams, dim=0)
+
+            def step(seqs: torch.Tensor) -> torch.Tensor:
+                return self.caption_logits(seqs, torch.ones_like(seqs), beams)[:, -1]
+
+            return beam_search(step, prompt_ids, num_beams, min_length, max_length, eos_token_id,
+                               repetition_penalty=repetition_penalty, length_normalisation=length_normalisation)
         output = self.text_decoder.generate(
             input_ids=prompt_ids,
             attention_mask=torch.ones_like(prompt_ids),

@@ -302,7 +302,7 @@ class XVLMBackbone(nn.Module):
     @torch.no_grad()
     def generate_caption(self, prompt_ids: torch.Tensor, image_embeds: torch.Tensor, *, num_beams: int,
                          min_length: int, max_length: int, eos_token_id: int, pad_token_id: int,
-                         repetition_penalty: float = 1.0) -> list[list[int]]:
+                         repetition_penalty: float = 1.0, length_normalisation: str = "generated") -> list[list[int]]:
         """``beam_search`` over ``caption_logits`` from ``prompt_ids`` (eos dropped; ``pad_token_id`` unused)."""
         beams = image_embeds.repeat_interleave(num_beams, dim=0)
 
@@ -310,7 +310,7 @@ class XVLMBackbone(nn.Module):
             return self.caption_logits(seqs, torch.ones_like(seqs), beams)[:, -1]
 
         return beam_search(step, prompt_ids, num_beams, min_length, max_length, eos_token_id,
-                           repetition_penalty=repetition_penalty)
+                           repetition_penalty=repetition_penalty, length_normalisation=length_normalisation)
 
     def pretraining_losses(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            image_idx: torch.Tensor, tokenizer: Any) -> dict[str, torch.Tensor]:

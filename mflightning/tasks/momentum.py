@@ -21,7 +21,7 @@ import copy
 import math
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -53,10 +53,19 @@ def ema_copy(backbone: nn.Module, parts: Iterable[str]) -> nn.Module:
     return copied
 
 
+#: ``"ema"``: ``p_m = m * p_m + (1 - m) * p``; ``"swapped"``: ``p_m = m * p + (1 - m) * p_m`` (the MultiFlow
+#: authors' ``_external_momentum_update`` in ``models/blip/blip_retrieval.py``).
+MomentumRule = Literal["ema", "swapped"]
+MOMENTUM_RULES = ("ema", "swapped")
+
+
 @torch.no_grad()
-def momentum_update_(target: nn.Module, source: nn.Module, momentum: float) -> None:
+def momentum_update_(target: nn.Module, source: nn.Module, momentum: float, rule: MomentumRule = "ema") -> None:
     """``p_m = momentum * p_m + (1 - momentum) * p`` for every parameter of ``target``, ``p`` being the
-    parameter of the same name in ``source`` (exact zeros stay zero: ``m * 0 + (1 - m) * 0 == 0``)."""
+    parameter of the same name in ``source`` (exact zeros stay zero: ``m * 0 + (1 - m) * 0 == 0``);
+    ``rule="swapped"`` exchanges the weights: ``p_m = momentum * p + (1 - momentum) * p_m``."""
+    if rule not in MOMENTUM_RULES:
+        raise ValueError(f"momentum rule must be one of {MOMENTUM_RULES}, got {rule!r}")
     params = dict(source.named_parameters())
     unmatched = [name for name, _ in target.named_parameters() if name not in params]
     if unmatched:  # e.g. the backbone was re-parametrised after the copy was made: the copy would freeze
@@ -66,8 +75,9 @@ def momentum_update_(target: nn.Module, source: nn.Module, momentum: float) -> N
     if not pairs:
         return
     targets, sources = [p for p, _ in pairs], [p.detach() for _, p in pairs]
-    torch._foreach_mul_(targets, momentum)
-    torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
+    kept = momentum if rule == "ema" else 1.0 - momentum  # the weight of the momentum parameter itself
+    torch._foreach_mul_(targets, kept)
+    torch._foreach_add_(targets, sources, alpha=1.0 - kept)
 
 
 def checkpoint_file(spec: Any) -> str | None:
@@ -181,4 +191,5 @@ class FeatureQueue(nn.Module):
         return f"size={self.size}, dim={self.image_queue.size(1)}"
 
 
-__all__ = ["FeatureQueue", "checkpoint_file", "ema_copy", "momentum_update_", "ramped_alpha", "start_from_checkpoint_"]
+__all__ = ["FeatureQueue", "MOMENTUM_RULES", "MomentumRule", "checkpoint_file", "ema_copy", "momentum_update_",
+           "ramped_alpha", "start_from_checkpoint_"]

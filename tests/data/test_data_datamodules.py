@@ -174,7 +174,8 @@ def test_caption_batches_prepend_the_prompt(tiny_world):
 
 def test_vqa_train_batches_weight_answers(tiny_world):
     dm = VQADataModule(tiny_world.vqa_train, tiny_world.vqa_test, tiny_world.answer_list,
-                       val_json=tiny_world.vqa_test, **_common(tiny_world), answer_max_length=6)
+                       val_json=tiny_world.vqa_test, **_common(tiny_world), answer_max_length=6,
+                       vg_answer_weight=None)  # VG weighted like VQA: count / answers (default: 0.5 each)
     dm.train_json = [tiny_world.vqa_train, tiny_world.vg_train]
     dm.setup("fit")
     dataset = dm.dataset("train")
@@ -314,7 +315,7 @@ SHARED = {"tokenizer": str, "image_size": int, "batch_size": int, "eval_batch_si
     (RetrievalDataModule, {"train_json": 35, "val_json": 35, "test_json": 35, "image_root": "."}),
     (CaptionDataModule, {"train_json": 40, "prompt": "a picture of ", "image_root": "."}),
     (VQADataModule, {"train_json": 35, "test_json": 35, "val_json": 35, "answer_list_json": None,
-                     "answer_max_length": 10, "vg_answer_weight": None}),
+                     "answer_max_length": 10, "vg_answer_weight": 0.5}),
 ])
 def test_recipes_see_every_argument_with_its_type(cls, own):
     """jsonargparse (LightningCLI, `mflightning check`) follows **kwargs to VLDataModule's typed arguments."""
