@@ -31,6 +31,8 @@ class Target:
     modules: list[nn.Module]
     group: str
     filter_tokens: bool  # drop padding tokens from its input statistics
+    # no preset or image_groups= says whether its input is text: calibration traces it (provenance.py)
+    infer_text_tokens: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class GroupSpec:
     image_groups: tuple[str, ...] = ()
     known_groups: tuple[str, ...] | None = None
     prune_tied_embeddings: bool = False
+    # False: neither a preset nor the caller said which groups read image tokens (traced instead)
+    image_groups_declared: bool = True
 
 
 def resolve_modalities(
@@ -66,8 +70,8 @@ def resolve_modalities(
     wrapper), else one group. A preset's `exclude_for(model)` adds this model's unused layers to `exclude`.
 
     `image_groups` names the groups whose layers read image tokens (never PAD-filtered). None
-    takes the preset's declaration; with a regex map, a callable or a single group, None means
-    no group is an image group. `prune_tied_embeddings` makes an nn.Linear weight that is also an
+    takes the preset's declaration; with a regex map, a callable or a single group, None declares
+    nothing: calibration then traces which inputs carry text tokens (`provenance.py`). `prune_tied_embeddings` makes an nn.Linear weight that is also an
     nn.Embedding's table (a tied LM head) prunable; by default it stays dense.
     """
     exclude = tuple(exclude)
@@ -75,12 +79,13 @@ def resolve_modalities(
         _compile(pattern, "exclude")
     declared = _as_names(image_groups)
     options = dict(prune_tied_embeddings=bool(prune_tied_embeddings))
+    undeclared = dict(options, image_groups_declared=declared is not None)
     if modalities is None:
         preset_name = recognise_preset(model)  # `pruning_preset`, else a registered recogniser (transformers' classes)
         if preset_name is None:
             return GroupSpec(
                 lambda name: SINGLE_GROUP, exclude, DEFAULT_UNFILTERED, "one group",
-                declared or (), (SINGLE_GROUP,), **options,
+                declared or (), (SINGLE_GROUP,), **undeclared,
             )
         modalities = preset_name
     if isinstance(modalities, str):
@@ -103,10 +108,10 @@ def resolve_modalities(
             raise ValueError("modalities: the group map is empty")
         return GroupSpec(
             _regex_assigner(modalities, "modalities"), exclude, DEFAULT_UNFILTERED, "regex map",
-            declared or (), tuple(modalities), **options,
+            declared or (), tuple(modalities), **undeclared,
         )
     if callable(modalities):
-        return GroupSpec(modalities, exclude, DEFAULT_UNFILTERED, "callable", declared or (), None, **options)
+        return GroupSpec(modalities, exclude, DEFAULT_UNFILTERED, "callable", declared or (), None, **undeclared)
     raise TypeError(
         f"modalities must be None, a preset name, a mapping group -> regex or a callable, got {type(modalities)!r}"
     )
@@ -143,7 +148,8 @@ def find_targets(model: nn.Module, spec: GroupSpec) -> dict[str, Target]:
                 continue
             group = _assign(spec, names, tuple(weight.shape))
             filter_tokens = group not in spec.image_groups and not _matches_any(spec.unfiltered, names)
-            targets[name] = Target(name, weight, [module], group, filter_tokens)
+            infer = filter_tokens and not spec.image_groups_declared
+            targets[name] = Target(name, weight, [module], group, filter_tokens, infer_text_tokens=infer)
     if not targets:
         raise ValueError(
             "the model has no prunable nn.Linear / nn.MultiheadAttention weights (after `exclude`; a weight "
