@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .allocation import compute_masks, parse_pattern, pattern_masks
+from .checksum import KEY as CHECKSUM_KEY, tensors_checksum, verify_checksum
 from .config import check_sparsity
 from .naming import _add_inherited, _match_names, copy_sources, declared_copies, prunable_layers  # noqa: F401  (prunable_layers re-exported)
 
@@ -333,6 +334,7 @@ class PruningResult:
         }
         if self.dense_layers is not None:
             metadata["dense_layers"] = json.dumps(self.dense_layers)
+        metadata[CHECKSUM_KEY] = tensors_checksum(tensors)  # checked by `load`: corrupted bytes are caught
         # a hidden name in the same folder, so the rename stays on one file system
         temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
         try:
@@ -360,6 +362,7 @@ class PruningResult:
             raise ValueError(f"{str(path)!r} is not a readable safetensors mask file: {err}") from err
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{str(path)!r} is not an mflightning mask file (format {metadata.get('format')!r})")
+        verify_checksum(str(path), metadata, tensors)
         groups = json.loads(metadata["groups"])
         masks = {k[5:]: v.bool() for k, v in tensors.items() if k.startswith("mask/")}
         scores = {k[6:]: v for k, v in tensors.items() if k.startswith("score/")} or None
