@@ -279,7 +279,7 @@ def _check_degenerate(
 
 def _dense_layers(model: nn.Module, targets: Mapping[str, Target]) -> dict[str, int]:
     """The weights `find_targets` finds in `model` with no exclusion but `targets` leaves out: name -> size."""
-    every = find_targets(model, GroupSpec(lambda name: SINGLE_GROUP, (), (), "every prunable layer"))
+    every = find_targets(model, GroupSpec(lambda name: SINGLE_GROUP, (), (), "every prunable layer", refuse_computed_weights=False))
     return {name: t.param.numel() for name, t in every.items() if name not in targets}
 
 

@@ -53,6 +53,8 @@ class GroupSpec:
     prune_tied_embeddings: bool = False
     # False: neither a preset nor the caller said which groups read image tokens (traced instead)
     image_groups_declared: bool = True
+    # refuse nn.Linear layers whose weight is computed (weight_norm, parametrizations) unless excluded
+    refuse_computed_weights: bool = True
 
 
 def resolve_modalities(
@@ -130,10 +132,16 @@ def find_targets(model: nn.Module, spec: GroupSpec) -> dict[str, Target]:
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, EMBEDDING_TYPES)}
     targets: dict[str, Target] = {}
     seen_modules: set[int] = set()
-    for _, module in model.named_modules(remove_duplicate=False):
+    computed: list[str] = []
+    for module_name, module in model.named_modules(remove_duplicate=False):
         if id(module) in seen_modules:
             continue
         seen_modules.add(id(module))
+        if isinstance(module, nn.Linear) and _computed_weight(module):
+            name = f"{module_name}.weight" if module_name else "weight"
+            if not _matches_any(spec.exclude, [name]):
+                computed.append(name)
+            continue
         for weight in _prunable_weights(module):
             names = aliases.get(id(weight))
             if not names:
@@ -150,6 +158,13 @@ def find_targets(model: nn.Module, spec: GroupSpec) -> dict[str, Target]:
             filter_tokens = group not in spec.image_groups and not _matches_any(spec.unfiltered, names)
             infer = filter_tokens and not spec.image_groups_declared
             targets[name] = Target(name, weight, [module], group, filter_tokens, infer_text_tokens=infer)
+    if computed and spec.refuse_computed_weights:
+        raise ValueError(
+            f"{len(computed)} nn.Linear layer(s) compute their weight from other parameters (weight_norm, another parametrization or "
+            f"torch.nn.utils.prune), so no mask can hold on it: {computed[:5]}{' ...' if len(computed) > 5 else ''}. Remove "
+            "the reparametrization before pruning (torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') "
+            "or torch.nn.utils.remove_weight_norm(module)), or leave them dense with exclude=[regex, ...]"
+        )
     if not targets:
         raise ValueError(
             "the model has no prunable nn.Linear / nn.MultiheadAttention weights (after `exclude`; a weight "
@@ -157,6 +172,13 @@ def find_targets(model: nn.Module, spec: GroupSpec) -> dict[str, Target]:
         )
     _check_image_groups(spec, targets)
     return targets
+
+
+def _computed_weight(module: nn.Module) -> bool:
+    """True when the module's `weight` is computed on each call rather than a parameter of its own."""
+    from torch.nn.utils import parametrize
+
+    return parametrize.is_parametrized(module, "weight") or not isinstance(module._parameters.get("weight"), nn.Parameter)
 
 
 def _prunable_weights(module: nn.Module) -> list[nn.Parameter]:

@@ -1,4 +1,6 @@
 """Degenerate scores are an error naming the layers and the likely cause, unless allow_degenerate=True."""
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -51,3 +53,26 @@ def test_dead_inputs_tied_at_zero_score_overshooting_the_target_are_an_error():
     assert prune(mlp, config, calibration=[x]).sparsity > 0.6
     x[:, 4:] = torch.randn(8, 12)  # live inputs: no ties, the target holds
     assert prune(mlp, sparsity=0.5, calibration=[x]).sparsity == pytest.approx(0.5, abs=0.001)
+
+
+class WeightNormed(nn.Module):
+    def __init__(self, new_api: bool):
+        super().__init__()
+        wrap = nn.utils.parametrizations.weight_norm if new_api else nn.utils.weight_norm
+        self.plain = nn.Linear(8, 8)
+        self.normed = wrap(nn.Linear(8, 8))
+
+    def forward(self, x):
+        return self.normed(self.plain(x))
+
+
+@pytest.mark.parametrize("new_api", [True, False], ids=["parametrizations.weight_norm", "weight_norm"])
+def test_weight_norm_linears_are_refused_by_name_unless_excluded(new_api):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old weight_norm is deprecated, and still in use
+        model = WeightNormed(new_api)
+    with pytest.raises(ValueError, match=r"1 nn\.Linear layer\(s\) compute their weight.*\['normed\.weight'\].*"
+                                         r"remove_parametrizations.*exclude="):
+        prune(model, sparsity=0.5, method="omp")
+    result = prune(model, sparsity=0.5, method="omp", exclude=[r"^normed\."])
+    assert list(result.masks) == ["plain.weight"]
