@@ -228,7 +228,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("degenerate-overshoot-unchecked", EN, "if not flat and realised <= sparsity + OVERSHOOT:",
            "if not flat:", "ties pushing sparsity far over the target pass silently",
            tests=("tests/pruning/test_degenerate.py",)),
-    Mutant("degenerate-flat-unchecked", EN, "if spread == 0 and size > 1]", "if False]",
+    Mutant("degenerate-flat-unchecked", EN, "if spread == 0 and size > 1 and kept < size]", "if False]",
            "layers whose scores are all equal pass when the overall figure holds",
            tests=("tests/pruning/test_degenerate.py",)),
     Mutant("checksum-unchecked", "mflightning/pruning/checksum.py", "    if actual != stored:", "    if False:",

@@ -245,7 +245,8 @@ def _check_degenerate(
         for s, m in ((scores[n], masks[n]) for n in names)
     ]).cpu().tolist()
     sizes = [masks[n].numel() for n in names]
-    flat = [n for n, (spread, _, _), size in zip(names, figures, sizes) if spread == 0 and size > 1]
+    # all scores equal and some pruned: the layer goes whole (at a tiny target, kept whole is harmless)
+    flat = [n for n, (spread, _, kept), size in zip(names, figures, sizes) if spread == 0 and size > 1 and kept < size]
     realised = 1.0 - sum(f[2] for f in figures) / max(1, sum(sizes))
     if not flat and realised <= sparsity + OVERSHOOT:
         return

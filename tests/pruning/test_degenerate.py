@@ -38,6 +38,7 @@ def test_a_gradient_method_through_a_zero_initialised_head_is_an_error_naming_th
         prune(model, **options)
     with pytest.warns(UserWarning, match="more than 99% pruned"):  # opted in: what the scores say, whole layers
         assert prune(model, **options, allow_degenerate=True).sparsity > 0.99
+    assert prune(model, **{**options, "sparsity": 0.0}).sparsity == 0.0  # equal scores, nothing pruned: no harm
 
 
 def test_dead_inputs_tied_at_zero_score_overshooting_the_target_are_an_error():
