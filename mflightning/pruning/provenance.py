@@ -3,8 +3,8 @@
 The token mask (`attention_mask`, (B, L)) may only filter an input whose tokens are the text's.
 A vision layer with as many tokens as the text is long has the same leading dims, so shapes
 cannot tell them apart. When no preset or `image_groups=` declares which groups read image
-tokens, one uncounted forward (the probe) traces where each prunable layer's input comes from.
-Its sources are marked by identity autograd functions:
+tokens, the first calibration forward (the probe; its statistics count as usual) traces where each
+prunable layer's input comes from. Its sources are marked by identity autograd functions:
 
 * text: an `nn.Embedding` looking up one of the batch's integer tensors of the token mask's shape
   (its `input_ids`); without such a lookup, the batch's one floating tensor whose leading dims
@@ -19,7 +19,10 @@ way). An input whose graph reaches a text mark carries text tokens (fused text t
 language model's image positions included: their mask is 1); one that reaches only other marks
 (patch tokens, queries cross-attending to them) is never filtered. Anything else is unknown
 (ambiguous or no source, gradients switched off inside the forward, a forward that cannot run with
-gradients): such a layer whose input matches the mask's dims is an error asking for `image_groups`.
+gradients, which is then rerun as usual): such a layer whose input matches the mask's dims is an
+error asking for `image_groups`. A mask-shaped float input's role waits for the end of the probe
+(is it the text, or were token ids looked up too?): both its filtered and unfiltered sums are kept
+until then.
 """
 from __future__ import annotations
 

@@ -172,7 +172,9 @@ def collect_input_norms(
     The model runs in eval mode without gradients (every submodule's mode is restored after);
     inputs are squared in fp32 and summed in fp64 whatever the compute dtype. Padding tokens
     (token mask 0) are left out for layers with `filter_tokens` whose input starts with the mask's
-    (B, L) dims (for sequence-first inputs, (L, B); for tokens flattened batch-major, B*L rows). nn.MultiheadAttention weights are observed
+    (B, L) dims (for sequence-first inputs, (L, B); for tokens flattened batch-major, B*L rows); a
+    layer no preset or `image_groups=` declares is filtered only where its input is traced to the
+    text (`provenance.py`, on the first batch). nn.MultiheadAttention weights are observed
     through `attention.AttentionObserver`; torch's fused attention fast paths are off meanwhile.
     Works under `torch.inference_mode()` and on inference tensors; the sums are normal tensors.
     A user function that raises is re-raised as CalibrationError naming the batch.
