@@ -71,7 +71,9 @@ def prune(
 
     What to prune is a `PruningConfig` (`config`, and/or its fields as keywords: `sparsity`,
     `method`, `allocation`, `invert`, `modalities`, `exclude`, `image_groups`,
-    `prune_tied_embeddings`, `num_batches`, `seed`, `rounds`). `allocation=None` uses the method's
+    `prune_tied_embeddings`, `num_batches`, `seed`, `rounds`, `allow_degenerate`). Degenerate scores
+    (a layer whose scores are all equal, or ties pushing the realised sparsity more than one point over
+    the target) are an error naming the layers unless `allow_degenerate=True`. `allocation=None` uses the method's
     own rule: `modality` (Eq. 7-8) for multiflow, `row` for wanda, `global` for the others. Set it
     to run the paper's ablations (`magnitude`: ratios from one magnitude pool, "w/o
     multimodality"; `global`: one score threshold, "w/o distribution").
