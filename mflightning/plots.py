@@ -1,4 +1,4 @@
-"""Layer-wise sparsity per modality (like the paper's Figure 4), drawn with matplotlib's Agg backend."""
+"""Layer-wise sparsity per modality (like the paper's Figure 4), drawn on matplotlib's Agg canvas (the global backend is left alone)."""
 from __future__ import annotations
 
 import os
@@ -40,10 +40,9 @@ def plot_layer_sparsity(
     `results` may map a label (e.g. "MultiFlow", "w/o multimodality") to a result, drawing one line
     per label as in Figure 4 of the paper; all results must share the same layers.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    # a Figure drawn on its own Agg canvas: pyplot and the process-wide backend stay as the caller has them
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     if isinstance(results, PruningResult):
         results = {results.method: results}
@@ -56,7 +55,9 @@ def plot_layer_sparsity(
             raise ValueError(f"result {label!r} prunes other layers than {next(iter(per_label))!r}")
     group_names = list(first)
     width = max(5.0, min(16.0, 0.28 * max(len(v) for v in first.values()) + 3))
-    fig, axes = plt.subplots(len(group_names), 1, figsize=(width, 3.2 * len(group_names)), squeeze=False)
+    fig = Figure(figsize=(width, 3.2 * len(group_names)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(group_names), 1, squeeze=False)
     for ax, group in zip(axes[:, 0], group_names):
         names = [n for n, _ in first[group]]
         xs = range(len(names))
@@ -77,7 +78,6 @@ def plot_layer_sparsity(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -265,3 +265,12 @@ def test_pruning_settings_are_a_pruning_config_checked_when_built():
         PruningSettings(method="nope")
     # random needs only its seed, not calibration data (it is not data-driven)
     assert not PruningSettings(sparsity=0.5, method="random").config.spec.data_driven
+
+
+def test_check_fails_a_recipe_that_calibrates_without_calibration_data(tmp_path):
+    recipe = RECIPES / "synthetic" / "retrieval.yaml"
+    with pytest.raises(RecipeError, match=r"pruning\.masks is null.*data\.calibration\.json is not set"):
+        check_recipe(recipe, ["--pruning.masks", "null"])
+    given = check_recipe(recipe, ["--pruning.masks", "null", "--data.init_args.calibration.json", str(tmp_path / "c.json")])
+    assert "data.calibration.json" in {entry.key for entry in given.missing}  # valid; the file is listed as missing
+    check_recipe(recipe, ["--pruning.masks", "null", "--pruning.sparsity", "null"])  # dense: nothing to calibrate

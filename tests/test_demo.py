@@ -171,3 +171,17 @@ def test_pretrained_models_keep_their_cache_folders(tmp_path):
         # both quality keys changed when the benchmark's pretraining went from 20 to 60 epochs
         "quality blip": "pretrained-04710ffccda00f81", "quality xvlm": "xvlm-pretrained-v4-1bf2baa353c22ecb",
     }
+
+
+def test_plotting_leaves_the_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    result = PruningResult(masks={"x.weight": torch.ones(2, 2, dtype=torch.bool)}, groups={"x.weight": "vision"},
+                           method="omp", target_sparsity=0.5, allocation="global")
+    matplotlib.rcParams["backend"] = "svg"  # a caller's choice, not Agg
+    try:
+        assert plot_layer_sparsity(result, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.rcParams["backend"] = before

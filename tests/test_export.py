@@ -343,3 +343,33 @@ def test_the_mflightning_command_exports_and_names_bad_input(tmp_path, capsys):
     assert "missing.ckpt" in capsys.readouterr().err
     done = subprocess.run([sys.executable, "-m", "mflightning.cli", "export", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "sparse-24-bitmask" in done.stdout
+
+
+def test_the_command_names_its_masks_option_and_files_get_the_umask_permissions(tmp_path, capsys):
+    """Without masks the error names --masks (the option typed), not the Python argument; files are 0o666 - umask."""
+    import os
+
+    from mflightning.cli import main
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8))
+    state = tmp_path / "state.pt"
+    torch.save(model.state_dict(), state)
+    with pytest.raises(SystemExit) as stop:
+        main(["export", str(state), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "pass --masks MASK_FILE" in err and "masks=" not in err
+    previous = os.umask(0o022)
+    try:
+        result = prune(model, sparsity=0.5, method="omp")
+        result.apply(model)
+        masks = result.save(tmp_path / "masks.safetensors")
+        torch.save(model.state_dict(), state)
+        main(["export", str(state), "--masks", str(masks), "--output_dir", str(tmp_path / "out")])
+        os.umask(0o002)
+        again = result.save(tmp_path / "group.safetensors")
+    finally:
+        os.umask(previous)
+    assert oct(os.stat(masks).st_mode & 0o777) == "0o644"
+    assert oct(os.stat(tmp_path / "out" / "model.safetensors").st_mode & 0o777) == "0o644"
+    assert oct(os.stat(again).st_mode & 0o777) == "0o664"

@@ -55,6 +55,7 @@ S, ST, AL, EN, RE, UP, CB, TG, AT, BA, NA = (
     "mflightning/pruning/batches.py",
     "mflightning/pruning/naming.py",
 )
+PV = "mflightning/pruning/provenance.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     # ---------------------------------------------------------------- the score (Eq. 4-6)
@@ -81,11 +82,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "sum of |x| instead of sum of x^2"),
     Mutant("stat-no-sqrt", EN, "norms = {name: stats.sums[name].sqrt() for name in targets}",
            "norms = {name: stats.sums[name] for name in targets}", "squared norms used as norms"),
-    Mutant("stat-last-batch", ST, "acc.add_(squared(x, filter_tokens, seq_first_input))",
-           "acc.copy_(squared(x, filter_tokens, seq_first_input))",
+    Mutant("stat-last-batch", ST, "acc.add_(squared(x, bool(role), seq_first_input))",
+           "acc.copy_(squared(x, bool(role), seq_first_input))",
            "only the last call of a layer counts"),
-    Mutant("pad-filter-off", ST, "if filter_tokens and mask is not None and x.dim() >= 3:",
-           "if False and mask is not None and x.dim() >= 3:",
+    Mutant("pad-filter-off", ST, "        if not filter_tokens or mask is None:\n            return 0",
+           "        if True:\n            return 0",
            "padding tokens are never filtered"),
     Mutant("cross-attn-filtered", "mflightning/pruning/presets.py",
            'r"crossattention\\.self\\.(key|value)\\.weight$",', 'r"$^",',
@@ -197,8 +198,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "            _fused_mul([(local(p), kept) for p, kept in self.copies.values()], self._buffers)",
            "            pass", "EMA / momentum copies keep their pruned weights after an update",
            tests=("tests/pruning/test_copies.py",)),
-    Mutant("flattened-tokens-unfiltered", ST, "            slot = 3 if x.shape[0] == mask.numel() else 0",
-           "            slot = 0", "padding counted in (B*L, D) inputs (OPT's fc1/fc2)",
+    Mutant("flattened-tokens-unfiltered", ST, "            return 3 if x.shape[0] == mask.numel() else 0",
+           "            return 0", "padding counted in (B*L, D) inputs (OPT's fc1/fc2)",
            tests=("tests/pruning/test_statistic_exact.py", "tests/models/test_hf_families.py")),
     Mutant("question-mask-dropped", "mflightning/models/blip.py",
            '        kwargs["encoder_attention_mask"] = kwargs.get("attention_mask")', "        pass",
@@ -248,6 +249,25 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("beam-sequence-as-generated", "mflightning/models/generation.py",
            "finished_length = seqs.size(1) if by_sequence else generated", "finished_length = generated",
            "4.31's beam scores divide by the generated tokens", tests=("tests/models/test_generation.py",)),
+    # ---------------------------------------------------------------- issue 22: traced text tokens, degenerate
+    # scores, file checksums
+    Mutant("traced-ids-not-text", PV, '        if "ids" in kinds:\n            return True',
+           '        if False:\n            return True', "inputs traced to the token ids are not filtered",
+           tests=("tests/pruning/test_token_provenance.py",)),
+    Mutant("traced-images-filtered", PV, '        if kinds == {"other"}:\n            return False',
+           '        if kinds == {"other"}:\n            return True', "inputs traced only to images are PAD-filtered",
+           tests=("tests/pruning/test_token_provenance.py",)),
+    Mutant("shape-coincidence-decides", ST, "            if role is None and squared.slot(x, True, seq_first_input) and not undecided:",
+           "            if False:", "an untraceable input is filtered by shape instead of asking for image_groups",
+           tests=("tests/pruning/test_token_provenance.py", "tests/pruning/test_calibration_robust.py")),
+    Mutant("degenerate-overshoot-unchecked", EN, "if not flat and realised <= sparsity + OVERSHOOT:",
+           "if not flat:", "ties pushing sparsity far over the target pass silently",
+           tests=("tests/pruning/test_degenerate.py",)),
+    Mutant("degenerate-flat-unchecked", EN, "if spread == 0 and size > 1 and kept < size]", "if False]",
+           "layers whose scores are all equal pass when the overall figure holds",
+           tests=("tests/pruning/test_degenerate.py",)),
+    Mutant("checksum-unchecked", "mflightning/pruning/checksum.py", "    if actual != stored:", "    if False:",
+           "a corrupted mask file loads", tests=("tests/pruning/test_checksum.py",)),
 )
 
 

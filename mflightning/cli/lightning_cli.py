@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from .paths import as_dict, require_paths
-from .settings import PruningSettings
+from .settings import PruningSettings, require_calibration_data
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -41,6 +41,7 @@ def _lightning_cli_class():
             config = as_dict(self.config[self.subcommand] if self.subcommand else self.config)
             settings = PruningSettings(**config.get("pruning") or {})
             settings.validate()
+            require_calibration_data(config)
             if self.check_only:
                 raise _ParsedOnly(config)
             require_paths(config)

@@ -9,7 +9,9 @@
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 from mflightning.pruning.config import PruningConfig
 
@@ -84,3 +86,33 @@ class PruningSettings(PruningConfig):
         if self.masks is not None:
             return MultiFlowCallback(masks=self.load_masks(), **common)
         return MultiFlowCallback(save_masks=self.save_masks, save_scores=self.save_scores, **common)
+
+
+def require_calibration_data(config: Mapping[str, Any]) -> None:
+    """A recipe whose `pruning:` calibrates (sparsity set, no masks) must give its datamodule calibration data.
+
+    Only datamodules with a `calibration:` section (or `calibration_json`) are checked; a missing
+    `data.calibration.json` is a RecipeError naming it, before anything is built.
+    """
+    pruning = config.get("pruning") or {}
+    if pruning.get("masks") is not None or pruning.get("sparsity") is None:
+        return
+    data = config.get("data")
+    if not isinstance(data, Mapping):
+        return
+    args = data.get("init_args", data)
+    if not isinstance(args, Mapping):
+        return
+    if "calibration_json" in args:
+        key, value = "data.calibration_json", args["calibration_json"]
+    elif "calibration" in args:
+        calibration = args["calibration"]
+        key, value = "data.calibration.json", calibration.get("json") if isinstance(calibration, Mapping) else calibration
+    else:
+        return
+    if value is None:
+        raise RecipeError(
+            f"pruning.sparsity is {pruning['sparsity']} and pruning.masks is null, so the run calibrates on the "
+            f"datamodule's calibration_dataloader(), but {key} is not set: give it (--{key} <image-caption records>, "
+            "with its image_root), or a mask file (--pruning.masks), or --pruning.sparsity null for a dense run"
+        )

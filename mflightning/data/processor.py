@@ -344,8 +344,11 @@ class ProcessorDataModule(L.LightningDataModule):
         """Build and check the records the stage evaluates (validate: val, test: test), so bad data fails early."""
         splits = {"validate": ("val",), "test": ("test",), None: ("val", "test")}.get(stage, ())
         if stage == "fit":
-            raise ValueError(f"{type(self).__name__} serves zero-shot evaluation and calibration, not training "
-                             "(use trainer.test / trainer.validate)")
+            raise ValueError(
+                f"{type(self).__name__} serves zero-shot evaluation and calibration, not training: use trainer.test / "
+                "trainer.validate, or fine-tune on your own train loader with "
+                "MultiFlowCallback(calibration=processor_calibration_loader(...))"
+            )
         for split in splits:
             if getattr(self, f"{split}_json"):
                 self.dataset(split)

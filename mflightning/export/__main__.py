@@ -50,10 +50,17 @@ def run_export(argv: list[str] | None = None, prog: str = "mflightning export"):
         parser.error("an export needs SOURCE and --output_dir (or --bench)")
     from .writer import export_compressed
 
-    report = export_compressed(
-        args.source, args.masks, args.output_dir, format=args.format, dtype=args.dtype, prefix=args.prefix,
-        weights_only=not args.unsafe_load,
-    )
+    try:
+        report = export_compressed(
+            args.source, args.masks, args.output_dir, format=args.format, dtype=args.dtype, prefix=args.prefix,
+            weights_only=not args.unsafe_load,
+        )
+    except ValueError as err:  # the library names its Python argument; here the user typed options
+        message = str(err).replace("pass masks= (a PruningResult, a mask file, or a name -> bool mask dict)",
+                                   "pass --masks MASK_FILE").replace("pass masks= to choose", "pass --masks to choose")
+        if message == str(err):
+            raise
+        raise ValueError(message) from err
     print(report.summary())
     return report
 

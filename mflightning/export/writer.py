@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..pruning.files import atomic_save_file
 from . import layouts
 from .layouts import AUTO, BITMASK, BITMASK_24, FORMATS, PARTS
 from .sources import MaskSource, ModelSource, Source, read_source
@@ -419,14 +420,7 @@ def _write_config(file: Path, report: ExportReport, section: dict[str, Any], mod
 
 def _atomic_save(tensors: Mapping[str, Tensor], path: Path, metadata: Mapping[str, str]) -> None:
     """safetensors `save_file` under a temporary name in the same folder, then renamed over `path`."""
-    from safetensors.torch import save_file
-
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        save_file(dict(tensors), str(temporary), metadata=dict(metadata))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    atomic_save_file(tensors, path, metadata)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -48,6 +48,9 @@ class PruningConfig:
             (None: derived; another value is an error) and `allocation` does not apply.
         dense_if_incompatible: with `pattern`, keep layers whose input width is not a multiple of M
             dense instead of stopping with an error naming them.
+        allow_degenerate: accept degenerate scores (a layer whose scores are all equal, or ties that
+            push the realised sparsity more than one point over the target) instead of an error
+            naming the layers; e.g. a model whose zeros are meant to stay pruned.
     """
 
     sparsity: float | None = None
@@ -63,6 +66,7 @@ class PruningConfig:
     rounds: int = 10
     pattern: str | None = None
     dense_if_incompatible: bool = False
+    allow_degenerate: bool = False
 
     def __post_init__(self) -> None:
         if self.sparsity is not None:

@@ -71,7 +71,9 @@ def prune(
 
     What to prune is a `PruningConfig` (`config`, and/or its fields as keywords: `sparsity`,
     `method`, `allocation`, `invert`, `modalities`, `exclude`, `image_groups`,
-    `prune_tied_embeddings`, `num_batches`, `seed`, `rounds`). `allocation=None` uses the method's
+    `prune_tied_embeddings`, `num_batches`, `seed`, `rounds`, `allow_degenerate`). Degenerate scores
+    (a layer whose scores are all equal, or ties pushing the realised sparsity more than one point over
+    the target) are an error naming the layers unless `allow_degenerate=True`. `allocation=None` uses the method's
     own rule: `modality` (Eq. 7-8) for multiflow, `row` for wanda, `global` for the others. Set it
     to run the paper's ablations (`magnitude`: ratios from one magnitude pool, "w/o
     multimodality"; `global`: one score threshold, "w/o distribution").
@@ -162,6 +164,8 @@ def prune(
         masks = pattern_masks(scores, config.pattern, dense_if_incompatible=config.dense_if_incompatible)
     else:
         masks = compute_masks(scores, sparsity, allocation, groups=groups, magnitudes=magnitudes)
+        if not config.allow_degenerate:
+            _check_degenerate(scores, masks, sparsity, method, spec)
     _warn_nearly_empty(masks, sparsity)
     cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
     return PruningResult(
@@ -227,9 +231,58 @@ def _warn_nearly_empty(masks: Mapping[str, Tensor], sparsity: float) -> None:
     )
 
 
+# Ties at a threshold are pruned: more than this over the target (overall) means the scores are degenerate.
+OVERSHOOT = 0.01
+
+
+def _check_degenerate(
+    scores: Mapping[str, Tensor], masks: Mapping[str, Tensor], sparsity: float, method: str, spec: Method
+) -> None:
+    """Raise, naming the layers, when the scores cannot rank the weights: a layer whose scores are all
+    equal (it would be kept or pruned whole), or ties that push the realised sparsity more than
+    `OVERSHOOT` over the target. `allow_degenerate=True` accepts them."""
+    names = list(masks)
+    figures = torch.stack([
+        torch.stack([s.max().float() - s.min().float(), (s == 0).sum().float(), m.sum().float()])
+        for s, m in ((scores[n], masks[n]) for n in names)
+    ]).cpu().tolist()
+    sizes = [masks[n].numel() for n in names]
+    # all scores equal and some pruned: the layer goes whole (at a tiny target, kept whole is harmless)
+    flat = [n for n, (spread, _, kept), size in zip(names, figures, sizes) if spread == 0 and size > 1 and kept < size]
+    realised = 1.0 - sum(f[2] for f in figures) / max(1, sum(sizes))
+    if not flat and realised <= sparsity + OVERSHOOT:
+        return
+    ratios = {n: 1.0 - f[2] / size for n, f, size in zip(names, figures, sizes)}
+    zeros = {n: f[1] / size for n, f, size in zip(names, figures, sizes)}
+    worst = sorted(names, key=lambda n: ratios[n], reverse=True)
+    shown = ", ".join(f"{n} ({ratios[n]:.1%} pruned, {zeros[n]:.0%} zero scores)" for n in (flat or worst)[:SHOWN])
+    more = f" and {len(flat or worst) - SHOWN} more" if len(flat or worst) > SHOWN else ""
+    what = (
+        f"{len(flat)} layer(s) have all their scores equal" if flat
+        else f"tied scores (pruned together at the threshold) make the realised sparsity {realised:.4f}, "
+             f"more than {OVERSHOOT:.0%} over the target"
+    )
+    if spec.needs == "gradients":
+        cause = (
+            "a gradient method sees no gradient through these layers: typically the loss reads them through a "
+            "zero-initialised head (torchvision's ViT zero-inits its classification head), so every |g * w| is 0; "
+            "train or initialise the head first, or use an activation-based method (multiflow, wanda)"
+        )
+    else:
+        cause = (
+            "scores are zero wherever an input feature is always zero (dead inputs: a feature the calibration data "
+            "never sets, or a layer after a zeroed one) or the weights are zero, and ties are pruned together; "
+            "check the calibration data and the model"
+        )
+    raise ValueError(
+        f"method {method!r} at sparsity {sparsity}: degenerate scores: {what}: {shown}{more}. Likely cause: {cause}. "
+        "Pass allow_degenerate=True to prune with them anyway"
+    )
+
+
 def _dense_layers(model: nn.Module, targets: Mapping[str, Target]) -> dict[str, int]:
     """The weights `find_targets` finds in `model` with no exclusion but `targets` leaves out: name -> size."""
-    every = find_targets(model, GroupSpec(lambda name: SINGLE_GROUP, (), (), "every prunable layer"))
+    every = find_targets(model, GroupSpec(lambda name: SINGLE_GROUP, (), (), "every prunable layer", refuse_computed_weights=False))
     return {name: t.param.numel() for name, t in every.items() if name not in targets}
 
 

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import re
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,6 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from .allocation import compute_masks, parse_pattern, pattern_masks
+from .checksum import KEY as CHECKSUM_KEY, tensors_checksum, verify_checksum
+from .files import atomic_save_file
 from .config import check_sparsity
 from .naming import _add_inherited, _match_names, copy_sources, declared_copies, prunable_layers  # noqa: F401  (prunable_layers re-exported)
 
@@ -301,8 +302,6 @@ class PruningResult:
         `path` (`os.replace`, atomic), so an interrupted save never leaves a truncated file where a
         good one was, nor a temporary file behind.
         """
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"mask/{n}": m.detach().to("cpu", torch.bool).contiguous() for n, m in self.masks.items()}
@@ -333,15 +332,8 @@ class PruningResult:
         }
         if self.dense_layers is not None:
             metadata["dense_layers"] = json.dumps(self.dense_layers)
-        # a hidden name in the same folder, so the rename stays on one file system
-        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-        try:
-            save_file(tensors, str(temporary), metadata=metadata)
-            with open(temporary, "rb") as handle:  # on disk before it replaces the old file
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        metadata[CHECKSUM_KEY] = tensors_checksum(tensors)  # checked by `load`: corrupted bytes are caught
+        atomic_save_file(tensors, path, metadata, sync=True)
         return path
 
     @classmethod
@@ -360,6 +352,7 @@ class PruningResult:
             raise ValueError(f"{str(path)!r} is not a readable safetensors mask file: {err}") from err
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{str(path)!r} is not an mflightning mask file (format {metadata.get('format')!r})")
+        verify_checksum(str(path), metadata, tensors)
         groups = json.loads(metadata["groups"])
         masks = {k[5:]: v.bool() for k, v in tensors.items() if k.startswith("mask/")}
         scores = {k[6:]: v for k, v in tensors.items() if k.startswith("score/")} or None

@@ -36,7 +36,9 @@ from .batches import (  # noqa: F401  (the batch helpers are re-exported: caller
     map_tensors,
     move_to_device,
 )
+from .provenance import DEFER, TokenRoles, unknown_role_error
 from .targets import Target
+from .upkeep import is_dtensor
 
 
 @dataclass
@@ -87,19 +89,24 @@ class _SquaredInputs:
         # (B*L, D): tokens flattened batch-major before the layer (OPT's fc1/fc2)
         self._last: list[tuple[Tensor, int, Tensor] | None] = [None, None, None, None]
 
-    def __call__(self, x: Tensor, filter_tokens: bool, seq_first: bool = False) -> Tensor:
-        """Sum over tokens of x**2 per feature; `seq_first`: x is (L, B, ...) rather than (B, L, ...)."""
+    def slot(self, x: Tensor, filter_tokens: bool, seq_first: bool = False) -> int:
+        """How x is reduced: 0 unfiltered, else the layout in which the token mask applies to it."""
         mask = self.mask
-        slot = 0
-        if filter_tokens and mask is not None and x.dim() >= 3:
+        if not filter_tokens or mask is None:
+            return 0
+        if x.dim() >= 3:
             if seq_first:
-                slot = 2 if (x.shape[1], x.shape[0]) == mask.shape else 0
-            else:
-                slot = 1 if x.shape[:2] == mask.shape else 0
-        elif filter_tokens and mask is not None and x.dim() == 2 and mask.dim() == 2 and mask.size(0) > 1:
+                return 2 if (x.shape[1], x.shape[0]) == mask.shape else 0
+            return 1 if x.shape[:2] == mask.shape else 0
+        if x.dim() == 2 and mask.dim() == 2 and mask.size(0) > 1:
             # B*L rows of a batch of B > 1 are tokens flattened batch-major; with B == 1 an (L, D) input
             # may as well be unbatched (nn.MultiheadAttention), and is left unfiltered
-            slot = 3 if x.shape[0] == mask.numel() else 0
+            return 3 if x.shape[0] == mask.numel() else 0
+        return 0
+
+    def __call__(self, x: Tensor, filter_tokens: bool, seq_first: bool = False) -> Tensor:
+        """Sum over tokens of x**2 per feature; `seq_first`: x is (L, B, ...) rather than (B, L, ...)."""
+        slot = self.slot(x, filter_tokens, seq_first)
         try:
             version = x._version
         except RuntimeError:  # an inference tensor has no version counter: never shared
@@ -165,7 +172,9 @@ def collect_input_norms(
     The model runs in eval mode without gradients (every submodule's mode is restored after);
     inputs are squared in fp32 and summed in fp64 whatever the compute dtype. Padding tokens
     (token mask 0) are left out for layers with `filter_tokens` whose input starts with the mask's
-    (B, L) dims (for sequence-first inputs, (L, B); for tokens flattened batch-major, B*L rows). nn.MultiheadAttention weights are observed
+    (B, L) dims (for sequence-first inputs, (L, B); for tokens flattened batch-major, B*L rows); a
+    layer no preset or `image_groups=` declares is filtered only where its input is traced to the
+    text (`provenance.py`, on the first batch). nn.MultiheadAttention weights are observed
     through `attention.AttentionObserver`; torch's fused attention fast paths are off meanwhile.
     Works under `torch.inference_mode()` and on inference tensors; the sums are normal tensors.
     A user function that raises is re-raised as CalibrationError naming the batch.
@@ -178,28 +187,48 @@ def collect_input_norms(
     squared = _SquaredInputs()
     seq_first = seq_first_linears(model)
     recording = [True]  # False during a lockstep forward, whose statistics are not counted
+    # layers no declaration says text or image of: one probe forward traces where their inputs come from
+    roles = TokenRoles(n for n, t in targets.items() if t.filter_tokens and t.infer_text_tokens)
+    undecided: list[ValueError] = []  # a layer whose input may be text or image tokens
+    deferred: list[tuple[str, tuple[int, ...], bool, Tensor, Tensor]] = []
 
-    def make_hook(name: str, filter_tokens: bool, seq_first_input: bool):
+    def filters(name: str, inputs: list[Tensor], seq_first_input: bool) -> list[Any]:
+        """Per input of this call: leave padding out? Declared by the target, else traced (or an error)."""
+        target = targets[name]
+        if name not in roles.names:
+            return [target.filter_tokens] * len(inputs)
+        call = roles.observe(name, inputs) if roles.probing else roles.roles_of_call(name, len(inputs))
+        for x, role in zip(inputs, call):
+            if role is None and squared.slot(x, True, seq_first_input) and not undecided:
+                # raised once the forward returns, so the user function's error wrapping does not hide it
+                undecided.append(unknown_role_error(name, x.shape, squared.mask.shape, roles.reason_for(name)))  # type: ignore[union-attr]
+        return call
+
+    def record(name: str, inputs: list[Tensor], seq_first_input: bool) -> None:
+        if not recording[0]:
+            return
         acc = sums[name]
+        call = filters(name, inputs, seq_first_input)
+        with torch.no_grad():  # the probe forward runs with gradients on
+            for x, role in zip(inputs, call):
+                if role is DEFER:  # text or not is known when the probe forward ends: both sums kept till then
+                    matched = bool(squared.slot(x, True, seq_first_input))
+                    deferred.append((name, tuple(x.shape), matched, squared(x, True, seq_first_input), squared(x, False)))
+                else:
+                    acc.add_(squared(x, bool(role), seq_first_input))
+        calls[name] += 1
 
+    def make_hook(name: str, seq_first_input: bool):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not recording[0]:
-                return
             x = args[0] if args else kwargs.get("input")
             if not isinstance(x, Tensor):
                 raise TypeError(f"prunable layer {name!r} was called without an input tensor (kwargs {sorted(kwargs)})")
-            acc.add_(squared(x, filter_tokens, seq_first_input))
-            calls[name] += 1
+            record(name, [x], seq_first_input)
 
         return hook
 
     def record_attention(name: str, inputs: Iterable[Tensor]) -> None:
-        if not recording[0]:
-            return
-        acc, filter_tokens = sums[name], targets[name].filter_tokens
-        for x in inputs:
-            acc.add_(squared(x, filter_tokens, seq_first=True))
-        calls[name] += 1
+        record(name, list(inputs), True)
 
     attention = AttentionObserver(record_attention)
     hooked: list[tuple[nn.Module, Any]] = []
@@ -208,7 +237,7 @@ def collect_input_norms(
             if isinstance(module, nn.MultiheadAttention):
                 attention.add(module, name, target.param)
             else:
-                hooked.append((module, make_hook(name, target.filter_tokens, id(module) in seq_first)))
+                hooked.append((module, make_hook(name, id(module) in seq_first)))
     transfer = transfer or (lambda b: move_to_device(b, device))
     seen_batches = seen_samples = 0
     with contextlib.ExitStack() as stack:
@@ -224,6 +253,7 @@ def collect_input_norms(
         bar = stack.enter_context(_progress_bar(calibration, num_batches, progress, "calibration"))
         for index, batch in iterate_shard(calibration, num_batches, shard, lockstep=lockstep):
             batch = transfer(batch)
+            roles.start_batch()
             if index is None:  # keeps pace with the other ranks' collectives; statistics not counted
                 recording[0] = False
                 try:
@@ -233,8 +263,13 @@ def collect_input_norms(
                 continue
             mask = _call("the token mask", describe_function(token_mask), index, batch, token_mask, batch)
             squared.mask = None if mask is None else mask.to(device=device).bool()
-            _call("the forward", describe_function(forward, batch), index, batch, forward, model, batch)
+            if not (roles.pending and squared.mask is not None and _traced_forward(
+                roles, model, batch, forward, squared.mask, sums, calls, deferred, undecided,
+            )):
+                _call("the forward", describe_function(forward, batch), index, batch, forward, model, batch)
             squared.clear()  # release the batch's activations
+            if undecided:
+                raise undecided[0]
             _check_finite(sums, index)
             seen_batches += 1
             seen_samples += _batch_size(batch)
@@ -322,6 +357,38 @@ def collect_gradients(
         reduced = _reduce_all([*sums.values(), counts], reduce)
     counts = [int(c) for c in reduced[-1].tolist()]
     return CalibrationStats(dict(zip(names, reduced[:-1])), counts[0], counts[1], dict(zip(names, counts[2:])))
+
+
+def _traced_forward(
+    roles: TokenRoles, model: nn.Module, batch: Batch, forward: ForwardFn, mask: Tensor,
+    sums: dict[str, Tensor], calls: dict[str, int], deferred: list, undecided: list[ValueError],
+) -> bool:
+    """The first batch's forward, tracing which layer inputs carry text tokens (`provenance.py`).
+
+    Returns False when that forward raised (e.g. it cannot run with gradients on): its partial
+    statistics are undone, every traced role is unknown, and the caller runs the batch as usual.
+    """
+    saved = ({name: s.clone() for name, s in sums.items()}, dict(calls))
+    try:
+        with roles.probe(model, batch, mask, frozen=lambda p: not is_dtensor(p)) as marked:
+            forward(model, marked)
+    except Exception as error:
+        for name, s in saved[0].items():
+            sums[name].copy_(s)
+        calls.update(saved[1])
+        deferred.clear()
+        undecided.clear()
+        roles.failed(error)
+        return False
+    for name, shape, matched, filtered, unfiltered in deferred:
+        if roles.aligned_is_text:
+            sums[name].add_(filtered)
+        elif matched:
+            undecided.append(unknown_role_error(name, shape, tuple(mask.shape), roles.reason_for(name)))
+        else:
+            sums[name].add_(unfiltered)
+    deferred.clear()
+    return True
 
 
 def _restore_requires_grad(params: Mapping[str, Tensor], flags: Mapping[str, bool]) -> None:

@@ -31,6 +31,8 @@ class Target:
     modules: list[nn.Module]
     group: str
     filter_tokens: bool  # drop padding tokens from its input statistics
+    # no preset or image_groups= says whether its input is text: calibration traces it (provenance.py)
+    infer_text_tokens: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,10 @@ class GroupSpec:
     image_groups: tuple[str, ...] = ()
     known_groups: tuple[str, ...] | None = None
     prune_tied_embeddings: bool = False
+    # False: neither a preset nor the caller said which groups read image tokens (traced instead)
+    image_groups_declared: bool = True
+    # refuse nn.Linear layers whose weight is computed (weight_norm, parametrizations) unless excluded
+    refuse_computed_weights: bool = True
 
 
 def resolve_modalities(
@@ -66,8 +72,8 @@ def resolve_modalities(
     wrapper), else one group. A preset's `exclude_for(model)` adds this model's unused layers to `exclude`.
 
     `image_groups` names the groups whose layers read image tokens (never PAD-filtered). None
-    takes the preset's declaration; with a regex map, a callable or a single group, None means
-    no group is an image group. `prune_tied_embeddings` makes an nn.Linear weight that is also an
+    takes the preset's declaration; with a regex map, a callable or a single group, None declares
+    nothing: calibration then traces which inputs carry text tokens (`provenance.py`). `prune_tied_embeddings` makes an nn.Linear weight that is also an
     nn.Embedding's table (a tied LM head) prunable; by default it stays dense.
     """
     exclude = tuple(exclude)
@@ -75,12 +81,13 @@ def resolve_modalities(
         _compile(pattern, "exclude")
     declared = _as_names(image_groups)
     options = dict(prune_tied_embeddings=bool(prune_tied_embeddings))
+    undeclared = dict(options, image_groups_declared=declared is not None)
     if modalities is None:
         preset_name = recognise_preset(model)  # `pruning_preset`, else a registered recogniser (transformers' classes)
         if preset_name is None:
             return GroupSpec(
                 lambda name: SINGLE_GROUP, exclude, DEFAULT_UNFILTERED, "one group",
-                declared or (), (SINGLE_GROUP,), **options,
+                declared or (), (SINGLE_GROUP,), **undeclared,
             )
         modalities = preset_name
     if isinstance(modalities, str):
@@ -103,10 +110,10 @@ def resolve_modalities(
             raise ValueError("modalities: the group map is empty")
         return GroupSpec(
             _regex_assigner(modalities, "modalities"), exclude, DEFAULT_UNFILTERED, "regex map",
-            declared or (), tuple(modalities), **options,
+            declared or (), tuple(modalities), **undeclared,
         )
     if callable(modalities):
-        return GroupSpec(modalities, exclude, DEFAULT_UNFILTERED, "callable", declared or (), None, **options)
+        return GroupSpec(modalities, exclude, DEFAULT_UNFILTERED, "callable", declared or (), None, **undeclared)
     raise TypeError(
         f"modalities must be None, a preset name, a mapping group -> regex or a callable, got {type(modalities)!r}"
     )
@@ -125,10 +132,16 @@ def find_targets(model: nn.Module, spec: GroupSpec) -> dict[str, Target]:
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, EMBEDDING_TYPES)}
     targets: dict[str, Target] = {}
     seen_modules: set[int] = set()
-    for _, module in model.named_modules(remove_duplicate=False):
+    computed: list[str] = []
+    for module_name, module in model.named_modules(remove_duplicate=False):
         if id(module) in seen_modules:
             continue
         seen_modules.add(id(module))
+        if isinstance(module, nn.Linear) and _computed_weight(module):
+            name = f"{module_name}.weight" if module_name else "weight"
+            if not _matches_any(spec.exclude, [name]):
+                computed.append(name)
+            continue
         for weight in _prunable_weights(module):
             names = aliases.get(id(weight))
             if not names:
@@ -143,7 +156,15 @@ def find_targets(model: nn.Module, spec: GroupSpec) -> dict[str, Target]:
                 continue
             group = _assign(spec, names, tuple(weight.shape))
             filter_tokens = group not in spec.image_groups and not _matches_any(spec.unfiltered, names)
-            targets[name] = Target(name, weight, [module], group, filter_tokens)
+            infer = filter_tokens and not spec.image_groups_declared
+            targets[name] = Target(name, weight, [module], group, filter_tokens, infer_text_tokens=infer)
+    if computed and spec.refuse_computed_weights:
+        raise ValueError(
+            f"{len(computed)} nn.Linear layer(s) compute their weight from other parameters (weight_norm, another parametrization or "
+            f"torch.nn.utils.prune), so no mask can hold on it: {computed[:5]}{' ...' if len(computed) > 5 else ''}. Remove "
+            "the reparametrization before pruning (torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') "
+            "or torch.nn.utils.remove_weight_norm(module)), or leave them dense with exclude=[regex, ...]"
+        )
     if not targets:
         raise ValueError(
             "the model has no prunable nn.Linear / nn.MultiheadAttention weights (after `exclude`; a weight "
@@ -151,6 +172,13 @@ def find_targets(model: nn.Module, spec: GroupSpec) -> dict[str, Target]:
         )
     _check_image_groups(spec, targets)
     return targets
+
+
+def _computed_weight(module: nn.Module) -> bool:
+    """True when the module's `weight` is computed on each call rather than a parameter of its own."""
+    from torch.nn.utils import parametrize
+
+    return parametrize.is_parametrized(module, "weight") or not isinstance(module._parameters.get("weight"), nn.Parameter)
 
 
 def _prunable_weights(module: nn.Module) -> list[nn.Parameter]:

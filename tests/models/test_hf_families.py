@@ -431,3 +431,32 @@ def test_a_given_forward_runs_a_model_the_preset_adapter_could_not():
     assert set(result.groups.values()) == {"vision", "text"}
     with pytest.raises(ValueError, match="CLIPModel"):  # without a forward the adapter is asked, and says why not
         prune(model, sparsity=0.5, modalities="clip", calibration=data)
+
+
+class TuneLlava(L.LightningModule):
+    """The README's LLaVA example: the model under `self.model`, a language-modelling loss, no calibration_step."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = llava_model().train()
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch, labels=batch["input_ids"]).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_the_readme_llava_example_fine_tunes_with_calibration_batches_and_its_own_train_loader(tmp_path):
+    """ProcessorDataModule serves evaluation and calibration only: the example passes calibration= and a train loader."""
+    callback = MultiFlowCallback(0.5, calibration=batches("llava", n=2))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[callback])
+    module = TuneLlava()
+    trainer.fit(module, torch.utils.data.DataLoader(batches("llava", n=2), batch_size=None))
+    params = dict(module.named_parameters())
+    assert callback.kept_masks and "model.lm_head.weight" not in callback.kept_masks
+    for name, kept in callback.kept_masks.items():
+        assert (params[name].detach()[~kept] == 0).all(), name
+    assert callback.result.preset == "llava" and set(callback.result.groups.values()) == {"vision", "projector", "language"}

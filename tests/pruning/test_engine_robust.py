@@ -144,7 +144,10 @@ def test_a_model_built_under_inference_mode_prunes_by_activations_but_not_by_gra
     assert frozen.text.fc1.weight.is_inference()
     with pytest.raises(RuntimeError, match=r"method 'snip' needs gradients.*inference tensors.*text\.fc1\.weight"):
         prune(frozen, sparsity=0.5, method="snip", calibration=make_batches(1), loss=CountingLoss(), **COMMON)
-    result = prune(frozen, sparsity=0.5, calibration=make_batches(2), forward=forward_fn, **COMMON)
+    # which inputs are text is traced with autograd, which cannot save inference weights: declare the image groups
+    with pytest.raises(ValueError, match=r"could not be traced with gradients on.*inference tensor.*image_groups="):
+        prune(frozen, sparsity=0.5, calibration=make_batches(2), forward=forward_fn, **COMMON)
+    result = prune(frozen, sparsity=0.5, calibration=make_batches(2), forward=forward_fn, image_groups=["vision"], **COMMON)
     result.apply(frozen)  # in-place zeroing of inference tensors happens inside inference mode
     assert torch.equal(frozen.text.fc1.weight != 0, result.masks["text.fc1.weight"])
 

@@ -1,5 +1,6 @@
 """The statistic end to end on hand-made inputs: prune() must use the L2 norm of each input feature,
 and cross-attention key/value projections (image tokens) are never PAD-filtered by the text mask."""
+import pytest
 import torch
 from torch import nn
 
@@ -43,7 +44,12 @@ def test_cross_attention_key_value_read_image_tokens_unfiltered_while_the_query_
     text, image = torch.randn(2, 3, 4), torch.randn(2, 3, 4)  # as many image tokens as text tokens
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     batch = {"text": text, "image": image, "attention_mask": mask}
-    targets = find_targets(model, resolve_modalities(model, {"text": "crossattention"}))
+    # text and image both floats of the mask's dims: only a declaration tells them apart (none is an image group:
+    # the key/value projections are image readers by the preset's unfiltered regex)
+    undeclared = find_targets(model, resolve_modalities(model, {"text": "crossattention"}))
+    with pytest.raises(ValueError, match=r"'crossattention\.self\.query\.weight'.*may be word vectors or image patches"):
+        collect_input_norms(model, undeclared, [batch])
+    targets = find_targets(model, resolve_modalities(model, {"text": "crossattention"}, image_groups=()))
     stats = collect_input_norms(model, targets, [batch])
     real = mask.bool()
     assert torch.allclose(stats.sums["crossattention.self.query.weight"], text[real].square().sum(0).double())
