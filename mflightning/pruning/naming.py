@@ -86,12 +86,26 @@ def _match_names(
             "it holds several copies of the masked layers; pass prefix= (what the model puts in front "
             "of the mask names, '' for nothing) to say which copy to mask"
         )
-    missing = [n for n in names if (prefix or "") + n not in params]
+    raise ValueError(_mismatch(names, params, prefix, where))
+
+
+def _mismatch(names: list[str], params: Mapping[str, Tensor], prefix: str | None, where: str) -> str:
+    """Why no mapping fits every mask name: the mapping that fits most names and the names left over
+    (masks for layers the model lacks), or, when none fits most names, the names themselves."""
+    pairs = {("", prefix or "")} | {pair for n in names for pair in _candidate_pairs(n, params)
+                                    if prefix is None or pair[1] == prefix}
+    fits = lambda pair: [n for n in names if n.startswith(pair[0]) and pair[1] + n[len(pair[0]):] in params]  # noqa: E731
+    best = max(sorted(pairs), key=lambda pair: len(fits(pair)))
+    fitting = fits(best)
+    if 2 * len(fitting) > len(names):  # most names fit: the others are layers the model lacks
+        missing = [n for n in names if n not in set(fitting)]
+        mapping = "as they are" if best == ("", "") else f"under {_describe(best)}"
+        return (f"{where} name {len(missing)} layer(s) the model lacks (first: {missing[:3]}); the other "
+                f"{len(fitting)} of {len(names)} match its parameters {mapping}. The masks were computed on another "
+                "model (partial_masks= lets masks leave layers of the model uncovered, not name layers it lacks)")
     with_prefix = f" with prefix {prefix!r}" if prefix else ""
-    raise ValueError(
-        f"{where} do not match the model: {len(missing)} of {len(names)} mask names{with_prefix} are not "
-        f"parameters of it (first: {missing[:3]}), and no common name prefix fixes that"
-    )
+    return (f"{where} do not match the model: all {len(names)} mask names{with_prefix} are not parameters of it "
+            f"(first: {names[:3]}), and no common name prefix fixes that")
 
 
 def _candidate_pairs(probe: str, params: Mapping[str, Tensor]) -> list[tuple[str, str]]:

@@ -168,3 +168,25 @@ def test_the_cli_rethresholds_scores_files_and_names_the_setting_for_itersnip(mo
     with pytest.raises(RecipeError, match=r"pruning.sparsity=0.7 with mask file .*itersnip.safetensors.*re-run"):
         PruningSettings(sparsity=0.7, masks=str(path)).load_masks()
     assert PruningSettings(sparsity=0.5, masks=str(path)).load_masks().target_sparsity == 0.5
+
+
+def test_masks_for_layers_the_model_lacks_are_named_not_called_a_prefix_mismatch(model):
+    """A file with a mask for a layer the module lacks (the rest fitting under 'model.') names that
+    layer and the prefix that fits, with or without partial=True; a file covering part of the module
+    applies with partial=True."""
+    from dataclasses import replace
+
+    result = prune(model, sparsity=0.5, method="omp", modalities=GROUPS, exclude=[r"head\."])
+    module = nn.Module()
+    module.model = ToyVLM()
+    extra = replace(result, masks={"adapter.weight": torch.ones(2, 2, dtype=torch.bool), **result.masks},
+                    groups={"adapter.weight": "text", **result.groups})
+    for partial in (False, True):
+        with pytest.raises(ValueError, match=r"name 1 layer\(s\) the model lacks \(first: \['adapter.weight'\]\); "
+                                             r"the other 5 of 6 match its parameters under 'model\.'.*partial_masks"):
+            extra.masks_for(module, partial=partial)
+    text_only = {n: m for n, m in result.masks.items() if n.startswith("text.")}
+    part = replace(result, masks=text_only, groups={n: result.groups[n] for n in text_only})
+    assert set(part.masks_for(module, partial=True)) == {"model." + n for n in text_only}
+    with pytest.raises(ValueError, match="vision"):  # without partial=True the uncovered layers are named
+        part.masks_for(module)
