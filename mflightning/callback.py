@@ -123,6 +123,7 @@ class MultiFlowCallback(Callback):
         self._restored_sparsity: float | None = None  # the restored masks' own sparsity and method
         self._restored_method: str | None = None
         self._handles: list[Any] = []
+        self._reduce: Callable[[Tensor], Tensor] | None = None  # sums sparsity counts over shards (FSDP2)
 
     @property
     def sparsity(self) -> float | None:
@@ -225,12 +226,14 @@ class MultiFlowCallback(Callback):
                           ) -> dict[str, float]:
         """Fraction of exact zeros over the masked weights, per group and `total` (reads the weights).
 
-        The figures count only the layers that have a mask (`kept_masks`). `pl_module` is accepted for
-        compatibility; the masked module is the one pruned last.
+        The figures count only the layers that have a mask (`kept_masks`), over every process's shard:
+        under FSDP2 the counts are summed over ranks (a collective: call it on every rank), so each
+        rank gets the global figure. `pl_module` is accepted for compatibility; the masked module is
+        the one pruned last.
         """
         if self._keeper is None:
             return {"total": 0.0}
-        return self._keeper.measured_sparsity(reduce)
+        return self._keeper.measured_sparsity(reduce or self._reduce)
 
     # ------------------------------------------------------------------ internals
     def _ensure_pruned(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -283,6 +286,8 @@ class MultiFlowCallback(Callback):
         for label, copy in self._copies_held_elsewhere(trainer, pl_module):
             self._keeper.follow(copy, label=label + ":")
         self._keeper.zero_weights()
+        strategy = trainer.strategy
+        self._reduce = (lambda t: strategy.reduce(t, reduce_op="sum")) if _sharded(self._keeper) else None
         self._report(trainer, source)
 
     def _copies_held_elsewhere(self, trainer: Trainer, pl_module: LightningModule) -> list[tuple[str, nn.Module]]:
@@ -402,8 +407,7 @@ class MultiFlowCallback(Callback):
     def _report(self, trainer: Trainer, source: str) -> None:
         keeper = self._keeper
         assert keeper is not None
-        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if _sharded(keeper) else None
-        figures = keeper.measured_sparsity(reduce)
+        figures = keeper.measured_sparsity(self._reduce)
         metrics = {"pruning/sparsity": figures["total"]}
         metrics.update({f"pruning/sparsity_{g}": v for g, v in figures.items() if g != "total"})
         for logger in trainer.loggers:

@@ -39,7 +39,26 @@ except ImportError:  # pragma: no cover - older torch without public DTensor
     DTensor = None  # type: ignore[assignment,misc]
     distribute_tensor = None  # type: ignore[assignment]
 
+try:  # torch >= 2.6
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover
+    FSDPModule = None  # type: ignore[assignment,misc]
+
 ReduceFn = Callable[[Tensor], Tensor]
+
+
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 module of `model` back into its sharded state (a local operation).
+
+    A forward without backward (calibration, validation) leaves the root FSDP2 module unsharded: its
+    `named_parameters()` are then full tensors whose storage FSDP2 frees at the next reshard, not
+    the sharded parameters the optimizer updates. Masks must be bound to the sharded ones.
+    """
+    if FSDPModule is None:
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def is_dtensor(tensor: Any) -> bool:
@@ -81,6 +100,7 @@ class MaskKeeper:
 
     def __init__(self, model: nn.Module, masks: Mapping[str, Tensor], groups: Mapping[str, str] | None = None,
                  *, copies: bool = True):
+        reshard(model)  # bind the masks to the parameters the optimizer updates (sharded under FSDP2)
         params = dict(model.named_parameters())
         unknown = [name for name in masks if name not in params]
         if unknown:
@@ -116,6 +136,7 @@ class MaskKeeper:
         copies the model declares. Shapes must agree. The copies are zeroed at once.
         """
         masked = lambda n: n in self.masks or n in self._copy_of  # noqa: E731
+        reshard(module)
         named = dict(module.named_parameters())
         if rules is None:
             sources = {name: name for name in named if masked(name)}
