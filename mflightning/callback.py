@@ -237,17 +237,39 @@ class MultiFlowCallback(Callback):
 
     # ------------------------------------------------------------------ internals
     def _ensure_pruned(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Prune `pl_module` unless its masks are in place; a checkpoint just loaded (`ckpt_path=`) always
+        applies, to whichever module it was loaded into, and only once: its masks never reach a later module."""
         current = self._module() if self._module is not None else None
-        if self._keeper is not None and current is pl_module:
+        same = self._keeper is not None and current is pl_module
+        if same and self._restored is None:
             return
-        if self._keeper is not None:  # a second fit on another module: nothing of the first may leak
-            rank_zero_info("[mflightning] new module: pruning it afresh (the previous module's masks are dropped)")
-            self._keeper = None
-            self.result = None
+        if same:  # fit/validate/test(ckpt_path=X) on the module already pruned: X's masks replace the current ones
+            self._warn_if_checkpoint_replaces_masks()
+        elif self._keeper is not None:  # a second fit on another module: nothing of the first may leak
+            how = "applying the checkpoint's masks" if self._restored is not None else "pruning it afresh"
+            rank_zero_info(f"[mflightning] new module: {how} (the previous module's masks are dropped)")
+        self._keeper = None
+        self.result = None
         # validate/test hooks run under inference mode; masks must stay usable by a later fit
         with torch.inference_mode(False):
             self._prune_or_restore(trainer, pl_module)
         self._module = weakref.ref(pl_module)
+
+    def _warn_if_checkpoint_replaces_masks(self) -> None:
+        """Warn when the loaded checkpoint's masks differ from those this callback applied to the module."""
+        assert self._keeper is not None and self._restored is not None
+        current = self._keeper.full_masks()  # gathers shards: every rank runs this hook
+        restored = self._restored["masks"]
+        changed = sum(int((current[n] != restored[n].bool()).sum()) if n in restored and
+                      tuple(restored[n].shape) == tuple(current[n].shape) else current[n].numel() for n in current)
+        changed += sum(restored[n].numel() for n in restored if n not in current)
+        if changed:
+            before = self.result.target_sparsity if self.result is not None else self._restored_sparsity
+            rank_zero_warn(
+                f"[mflightning] the checkpoint's masks (sparsity {self._restored.get('target_sparsity')}) replace "
+                f"the masks this callback applied to the module (sparsity {before}): {changed:,d} mask entries "
+                "change; the checkpoint's apply, whatever this callback's settings say"
+            )
 
     def _prune_or_restore(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._restored is not None:
