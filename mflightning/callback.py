@@ -408,7 +408,8 @@ class MultiFlowCallback(Callback):
             progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
             shard=(trainer.global_rank, world) if world > 1 else None,
             reduce=(lambda t: strategy.reduce(t, reduce_op="sum")) if world > 1 else None,
-            transfer=lambda batch: strategy.batch_to_device(batch),
+            # as training batches: the precision plugin's dtype (bf16-true, 16-true, 64-true), then the device
+            transfer=lambda batch: strategy.batch_to_device(precision.convert_input(batch)),
         )
 
     def _watch_optimizers(self, trainer: Trainer) -> None:

@@ -174,6 +174,22 @@ def test_bf16_mixed_precision_calibrates_in_fp32_and_stays_sparse(tmp_path):
     assert agreement > 0.97
 
 
+@pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("16-true", torch.float16),
+                                              ("64-true", torch.float64)])
+def test_true_precisions_convert_calibration_batches_like_training_batches(tmp_path, precision, dtype):
+    """Under a "-true" precision the module's weights change dtype; calibration batches go through the
+    precision plugin's `convert_input` as training batches do (they crashed with a dtype mismatch)."""
+    module = ToyModule()
+    callback = MultiFlowCallback(0.6, calibration=make_batches(3), **COMMON)
+    trainer(tmp_path, max_steps=2, precision=precision, callbacks=[callback]).fit(module, loader(2))
+    assert module.model.vision[0].weight.dtype == dtype and module.calibration_calls == 3
+    assert_pruned_weights_are_zero(callback, module)
+    reference = prune(ToyModule(), sparsity=0.6, calibration=make_batches(3),
+                      forward=lambda m, b: m.calibration_step(b), **COMMON)
+    agreement = torch.cat([(callback.kept_masks[n] == reference.masks[n]).flatten() for n in reference.masks])
+    assert agreement.float().mean() >= (1.0 if dtype == torch.float64 else 0.99)
+
+
 def test_bad_callback_arguments_are_named(tmp_path):
     with pytest.raises(ValueError, match="sparsity must be in"):
         MultiFlowCallback(1.0)
