@@ -25,6 +25,8 @@ parameters). Others stop in `setup` with an error naming the strategy.
 from __future__ import annotations
 
 import os
+import tempfile
+import uuid
 import weakref
 from collections.abc import Iterable
 from pathlib import Path
@@ -124,6 +126,10 @@ class MultiFlowCallback(Callback):
         self._restored_method: str | None = None
         self._handles: list[Any] = []
         self._reduce: Callable[[Tensor], Tensor] | None = None  # sums sparsity counts over shards (FSDP2)
+        # masks carried between processes (ddp_spawn workers and the launching process): see `_carry`
+        self._owner_pid = os.getpid()
+        self._carried_file = str(Path(tempfile.gettempdir()) / f"mflightning-masks-{os.getpid()}-{uuid.uuid4().hex}.pt")
+        self._carried: dict[str, Any] | None = None
 
     @property
     def sparsity(self) -> float | None:
@@ -178,8 +184,15 @@ class MultiFlowCallback(Callback):
             self._keeper.zero_weights()
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Stop watching the optimizers."""
+        """Stop watching the optimizers. In a process the launching one spawned (`ddp_spawn`), hand the
+        masks back to it (a file rank 0 writes), so it knows them and a second fit keeps them."""
         self._unwatch()
+        if os.getpid() != self._owner_pid and self._keeper is not None:
+            carried = self._carry()  # gathers sharded masks: every rank runs this
+            if trainer.is_global_zero:
+                partial = f"{self._carried_file}.{os.getpid()}.tmp"
+                torch.save(carried, partial)
+                os.replace(partial, self._carried_file)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Also stop watching when fitting ends in an exception."""
@@ -205,16 +218,18 @@ class MultiFlowCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the checkpoint's masks until pruning time applies them (bit-packed, or bool from older files)."""
         if state_dict.get("packed_masks"):
-            shapes = state_dict["mask_shapes"]
-            masks = {name: unpack_mask(packed, shapes[name]) for name, packed in state_dict["packed_masks"].items()}
-            self._restored = {**state_dict, "masks": masks}
+            self._restored = {**state_dict, "masks": _unpacked(state_dict)}
         elif state_dict.get("masks"):  # checkpoints written before masks were bit-packed
             self._restored = state_dict
 
     # ------------------------------------------------------------------ queries
     @property
     def kept_masks(self) -> dict[str, Tensor]:
-        """Parameter name -> bool tensor, True where the weight is kept (this process's shard under FSDP2)."""
+        """Parameter name -> bool tensor, True where the weight is kept (this process's shard under FSDP2;
+        after a `ddp_spawn` fit, in the launching process, the full masks its workers handed back)."""
+        self._adopt_carried()
+        if self._keeper is None and self._carried is not None:
+            return _unpacked(self._carried["state"])
         return self._keeper.masks if self._keeper is not None else {}
 
     @property
@@ -231,18 +246,31 @@ class MultiFlowCallback(Callback):
         rank gets the global figure. `pl_module` is accepted for compatibility; the masked module is
         the one pruned last.
         """
-        if self._keeper is None:
-            return {"total": 0.0}
+        self._adopt_carried()
+        if self._keeper is None:  # after a ddp_spawn fit: the figures its workers measured at the end
+            return dict(self._carried["figures"]) if self._carried is not None else {"total": 0.0}
         return self._keeper.measured_sparsity(reduce or self._reduce)
 
     # ------------------------------------------------------------------ internals
     def _ensure_pruned(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Prune `pl_module` unless its masks are in place; a checkpoint just loaded (`ckpt_path=`) always
         applies, to whichever module it was loaded into, and only once: its masks never reach a later module."""
+        self._adopt_carried()
         current = self._module() if self._module is not None else None
         same = self._keeper is not None and current is pl_module
         if same and self._restored is None:
             return
+        carried, self._carried = self._carried, None  # used at most once, by the module that carries it
+        if self._keeper is None and carried is not None and self._restored is None:
+            masks = _unpacked(carried["state"])
+            if self._module_carries(trainer, pl_module, masks):  # the module a ddp_spawn fit returned
+                self._restored = {**carried["state"], "masks": masks}
+                with torch.inference_mode(False):
+                    self._prune_or_restore(trainer, pl_module, source="the previous fit (in another process)")
+                self.result = carried["result"]
+                self._module = weakref.ref(pl_module)
+                return
+            rank_zero_info("[mflightning] new module: pruning it afresh (the previous fit's masks are dropped)")
         if same:  # fit/validate/test(ckpt_path=X) on the module already pruned: X's masks replace the current ones
             self._warn_if_checkpoint_replaces_masks()
         elif self._keeper is not None:  # a second fit on another module: nothing of the first may leak
@@ -271,7 +299,7 @@ class MultiFlowCallback(Callback):
                 "change; the checkpoint's apply, whatever this callback's settings say"
             )
 
-    def _prune_or_restore(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _prune_or_restore(self, trainer: Trainer, pl_module: LightningModule, source: str = "checkpoint") -> None:
         if self._restored is not None:
             restored, self._restored = self._restored, None  # used once: a later fit starts afresh
             masks = {name: m.bool() for name, m in restored["masks"].items()}
@@ -290,7 +318,6 @@ class MultiFlowCallback(Callback):
                     f"{self.sparsity}; start a new fit without ckpt_path to prune at another sparsity"
                 )
             self._restored_sparsity, self._restored_method = saved, restored.get("method")
-            source = "checkpoint"
         elif self.masks is not None:
             self.result = self._given_result()
             masks = self._masks_for(self.result, pl_module)
@@ -446,6 +473,50 @@ class MultiFlowCallback(Callback):
                          "take their sources' masks")
         rank_zero_info("\n".join(lines))
 
+    # ------------------------------------------------------------------ masks carried between processes
+    def _carry(self) -> dict[str, Any]:
+        """What another process needs to know the masks: the checkpoint state, the figures, the result."""
+        return {"state": self.state_dict(), "figures": self.measured_sparsity(), "result": self.result}
+
+    def _adopt_carried(self) -> None:
+        """Take the masks a ddp_spawn worker handed back (in the launching process, or in a worker that has
+        no masks yet: a forked one inherits the launching process's memory, not its later reads)."""
+        if os.getpid() != self._owner_pid and self._keeper is not None:
+            return
+        path = Path(self._carried_file)
+        if not path.is_file():
+            return
+        carried = torch.load(path, weights_only=False)
+        if os.getpid() == self._owner_pid:
+            path.unlink(missing_ok=True)
+        self._keeper, self._module, self._reduce = None, None, None
+        self._carried, self.result = carried, carried["result"]
+
+    def _module_carries(self, trainer: Trainer, pl_module: LightningModule, masks: dict[str, Tensor]) -> bool:
+        """Whether `pl_module` is the module the carried masks were made for: it has their parameters and is
+        exactly zero wherever they prune (a fresh module, or one pruned otherwise, is not)."""
+        from .pruning.upkeep import local, shard_like
+
+        params = dict(pl_module.named_parameters())
+        wrong = sum(name not in params or tuple(params[name].shape) != tuple(kept.shape) for name, kept in masks.items())
+        if not wrong:
+            for name, kept in masks.items():
+                weight = local(params[name].detach())
+                wrong += int((weight[~shard_like(kept, params[name])] != 0).any())
+        if trainer.world_size > 1:  # every rank decides alike
+            wrong = int(trainer.strategy.reduce(torch.tensor(float(wrong), device=trainer.strategy.root_device),
+                                                reduce_op="sum").item())
+        return wrong == 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for another process (ddp_spawn): masks travel as carried masks, bound to no module."""
+        self._adopt_carried()
+        state = dict(self.__dict__)
+        if self._keeper is not None and not _sharded(self._keeper):
+            state["_carried"] = self._carry()
+        state.update(_keeper=None, _module=None, _handles=[], _reduce=None)
+        return state
+
 
 def _preset_forward(pl_module: nn.Module, config: PruningConfig) -> tuple[Callable | None, str | None]:
     """The calibration forward of the module's preset (named, or recognised: e.g. a transformers CLIP held
@@ -455,6 +526,12 @@ def _preset_forward(pl_module: nn.Module, config: PruningConfig) -> tuple[Callab
         preset = recognise_preset(pl_module)
     adapter = calibration_adapter(pl_module, preset)
     return (adapter.forward if adapter is not None else None), preset
+
+
+def _unpacked(state: dict[str, Any]) -> dict[str, Tensor]:
+    """The bool masks of a `state_dict()` (bit-packed)."""
+    shapes = state["mask_shapes"]
+    return {name: unpack_mask(packed, shapes[name]) for name, packed in state["packed_masks"].items()}
 
 
 def _groups_for(result: PruningResult, masks: dict[str, Tensor]) -> dict[str, str]:

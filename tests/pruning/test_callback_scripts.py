@@ -90,7 +90,7 @@ def test_a_reused_callback_prunes_the_second_module_too(tmp_path):
     assert any(not torch.equal(first_masks[n], pruning.kept_masks[n]) for n in first_masks)
 
 
-class Tested(ToyModule):
+class WithTestStep(ToyModule):
     def test_step(self, batch, batch_idx):
         self.log("test_loss", self.training_step(batch, batch_idx))
 
@@ -99,7 +99,7 @@ def test_a_checkpoint_loaded_for_testing_never_reaches_the_next_module(tmp_path)
     """fit(m1), test(m1, ckpt_path=...), then fit(m2) with the same callback: m2 is calibrated and gets
     its own masks, not those of m1's checkpoint."""
     pruning = MultiFlowCallback(0.6, calibration=make_batches(2), **COMMON)
-    first, second = Tested(), Tested(seed=3)
+    first, second = WithTestStep(), WithTestStep(seed=3)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     run = trainer(tmp_path, max_steps=2, callbacks=[pruning, checkpoint], enable_checkpointing=True)
     run.fit(first, DataLoader(make_batches(4), batch_size=None))
@@ -311,3 +311,24 @@ def test_a_transformers_bert_fine_tuned_under_2_4_keeps_the_pattern(tmp_path):
     nonzero = {n: params[n].detach() != 0 for n in pruning.kept_masks}
     assert pattern_violations(nonzero, "2:4") == {}
     assert pruning.measured_sparsity()["total"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_a_pickled_callback_carries_its_masks_to_the_module_it_pruned_only(tmp_path):
+    """ddp_spawn pickles the callback into its workers: the masks travel with it (figures and masks known
+    without a module), a fit of the module that carries them keeps them, a fresh module is calibrated."""
+    import pickle
+
+    pruning = MultiFlowCallback(0.6, calibration=make_batches(2), **COMMON)
+    module = ToyModule()
+    trainer(tmp_path, max_steps=2, callbacks=[pruning]).fit(module, DataLoader(make_batches(2), batch_size=None))
+    masks = {n: m.clone() for n, m in pruning.kept_masks.items()}
+    copy = pickle.loads(pickle.dumps(pruning))
+    assert copy.keeper is None and copy.measured_sparsity() == pruning.measured_sparsity()
+    assert all(torch.equal(copy.kept_masks[n], masks[n]) for n in masks)
+    module.calibration_calls = 0
+    trainer(tmp_path, max_steps=2, callbacks=[copy]).fit(module, DataLoader(make_batches(2), batch_size=None))
+    assert module.calibration_calls == 0 and all(torch.equal(copy.kept_masks[n], masks[n]) for n in masks)
+    assert copy.result is not None and copy.result.target_sparsity == 0.6
+    fresh, other = ToyModule(seed=7), pickle.loads(pickle.dumps(pruning))
+    trainer(tmp_path, max_steps=1, callbacks=[other]).fit(fresh, DataLoader(make_batches(1), batch_size=None))
+    assert fresh.calibration_calls == 2 and zero_where_pruned(other, fresh)
