@@ -130,6 +130,7 @@ class MultiFlowCallback(Callback):
         self._owner_pid = os.getpid()
         self._carried_file = str(Path(tempfile.gettempdir()) / f"mflightning-masks-{os.getpid()}-{uuid.uuid4().hex}.pt")
         self._carried: dict[str, Any] | None = None
+        self._logged_step = -1  # the last step whose sparsity was logged
 
     @property
     def sparsity(self) -> float | None:
@@ -176,6 +177,17 @@ class MultiFlowCallback(Callback):
         """Zero the gradients of pruned weights, before gradient clipping and the step."""
         if self._keeper is not None:
             self._keeper.zero_gradients(optimizer)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Log the measured sparsity every `log_every_n_steps` optimizer steps, as Lightning logs metrics
+        (one read of the masked weights: a kept weight that training drove to exactly zero shows)."""
+        step = trainer.global_step
+        if self._keeper is None or not trainer.loggers or step == self._logged_step:
+            return
+        if step % max(1, trainer.log_every_n_steps) == 0:
+            self._logged_step = step
+            self._log_figures(trainer, self._keeper.measured_sparsity(self._reduce))
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Re-zero the weights and their copies: an averaging callback copies its weights back into the
@@ -458,10 +470,8 @@ class MultiFlowCallback(Callback):
         keeper = self._keeper
         assert keeper is not None
         figures = keeper.measured_sparsity(self._reduce)
-        metrics = {"pruning/sparsity": figures["total"]}
-        metrics.update({f"pruning/sparsity_{g}": v for g, v in figures.items() if g != "total"})
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        self._logged_step = trainer.global_step
+        self._log_figures(trainer, figures)
         numel = keeper.numel()
         lines = [
             f"[mflightning] pruned from {source}: sparsity {figures['total']:.4f} over the {len(keeper.masks)} "
@@ -472,6 +482,13 @@ class MultiFlowCallback(Callback):
             lines.append(f"  copies of masked weights ({len(keeper.copies)}, e.g. momentum or EMA encoders) "
                          "take their sources' masks")
         rank_zero_info("\n".join(lines))
+
+    @staticmethod
+    def _log_figures(trainer: Trainer, figures: dict[str, float]) -> None:
+        metrics = {"pruning/sparsity": figures["total"]}
+        metrics.update({f"pruning/sparsity_{g}": v for g, v in figures.items() if g != "total"})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     # ------------------------------------------------------------------ masks carried between processes
     def _carry(self) -> dict[str, Any]:

@@ -225,11 +225,15 @@ class MaskKeeper:
         names = list(dict.fromkeys(self.groups.values()))
         counts = torch.zeros(2 * len(names), dtype=torch.float64)
         index = {g: i for i, g in enumerate(names)}
+        # zeros counted on the weights' device and read back once: no host sync per layer on accelerators
+        device = local(next(iter(self.params.values()))).device if self.params else torch.device("cpu")
+        zeros = torch.zeros(len(names), dtype=torch.int64, device=device)
         for name, param in self.params.items():
             w = local(param.detach())
             i = index[self.groups[name]]
-            counts[2 * i] += int((w == 0).sum())
+            zeros[i] += (w == 0).sum().to(device)
             counts[2 * i + 1] += w.numel()
+        counts[0::2] = zeros.cpu().double()
         if reduce is not None:
             device = next(iter(self.masks.values())).device if self.masks else torch.device("cpu")
             counts = reduce(counts.to(device)).cpu()

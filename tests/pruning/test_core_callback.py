@@ -134,6 +134,38 @@ def test_a_mask_file_is_applied_without_calibration_and_logged(tmp_path):
     assert set(logged) == {"pruning/sparsity", "pruning/sparsity_vision", "pruning/sparsity_text"}
 
 
+class ZeroOneKeptWeightAt(L.Callback):
+    """Sets kept weights to exactly zero after step `step`: the next sparsity logged must show it."""
+
+    def __init__(self, pruning, step):
+        self.pruning, self.step = pruning, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            kept = self.pruning.kept_masks["model.text.fc1.weight"]
+            with torch.no_grad():
+                pl_module.model.text.fc1.weight[kept] = 0.0
+
+
+def test_sparsity_is_measured_and_logged_as_training_goes(tmp_path):
+    """`pruning/sparsity` is logged at pruning time and every `log_every_n_steps` steps after, measured
+    on the weights (a kept layer driven to zero raises it), once per step under gradient accumulation."""
+    module = ToyModule(lr=0.0, weight_decay=0.0)  # nothing else moves the zeros
+    pruning = MultiFlowCallback(0.5, calibration=make_batches(2), **COMMON)
+    logger = CSVLogger(tmp_path, name="log")
+    trainer(tmp_path, max_steps=6, log_every_n_steps=2, accumulate_grad_batches=2, logger=logger,
+            callbacks=[pruning, ZeroOneKeptWeightAt(pruning, 3)]).fit(module, loader(12))
+    with open(logger.log_dir + "/metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("pruning/sparsity")]
+    logged = {int(row["step"]): float(row["pruning/sparsity"]) for row in rows}
+    assert len(rows) == len(logged) == 4 and sorted(logged) == [0, 2, 4, 6]
+    fc1 = module.model.text.fc1.weight.numel()
+    total = sum(m.numel() for m in pruning.kept_masks.values())
+    assert logged[0] == logged[2] == pytest.approx(0.5, abs=0.01)
+    zeroed = float(pruning.kept_masks["model.text.fc1.weight"].sum())
+    assert logged[4] == logged[6] == pytest.approx(logged[2] + zeroed / total) and zeroed < fc1
+
+
 class WithCalibrationData(L.LightningDataModule):
     def train_dataloader(self):
         return loader()
