@@ -241,11 +241,14 @@ def test_bad_callback_arguments_are_named(tmp_path):
 
 class InfEveryOtherStep(ToyModule):
     def training_step(self, batch, batch_idx):
+        self.autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
         loss = super().training_step(batch, batch_idx)
         return loss * float("inf") if batch_idx % 2 == 0 else loss
 
 
 def test_skipped_amp_steps_leave_the_weights_alone(tmp_path, monkeypatch):
+    """fp16 autocast with a GradScaler on CPU: the explicit plugin is needed (the string
+    precision="16-mixed" means bf16 on CPU, without a scaler)."""
     from lightning.pytorch.plugins import MixedPrecision
 
     module = InfEveryOtherStep()
@@ -256,6 +259,8 @@ def test_skipped_amp_steps_leave_the_weights_alone(tmp_path, monkeypatch):
     scaler = torch.amp.GradScaler("cpu")
     plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
     trainer(tmp_path, max_steps=6, plugins=[plugin], callbacks=[callback]).fit(module, loader())
+    assert module.autocast == (True, torch.float16)
     assert len(real_steps) == 3  # the scaler skipped the three steps with an infinite loss
+    assert scaler.get_scale() < 2.0 ** 16  # and lowered its scale
     assert_pruned_weights_are_zero(callback, module)
     assert all(torch.isfinite(p).all() for p in module.parameters())
