@@ -515,7 +515,8 @@ class MultiFlowCallback(Callback):
         from .pruning.upkeep import local, shard_like
 
         params = dict(pl_module.named_parameters())
-        wrong = sum(name not in params or tuple(params[name].shape) != tuple(kept.shape) for name, kept in masks.items())
+        wrong = sum(name not in params or tuple(params[name].shape) != tuple(kept.shape)
+                    for name, kept in masks.items())
         if not wrong:
             for name, kept in masks.items():
                 weight = local(params[name].detach())

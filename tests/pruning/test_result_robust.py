@@ -190,3 +190,26 @@ def test_masks_for_layers_the_model_lacks_are_named_not_called_a_prefix_mismatch
     assert set(part.masks_for(module, partial=True)) == {"model." + n for n in text_only}
     with pytest.raises(ValueError, match="vision"):  # without partial=True the uncovered layers are named
         part.masks_for(module)
+
+
+def test_a_partial_file_is_not_called_ambiguous_when_one_prefix_keeps_its_names():
+    """A file covering only the encoder of a backbone held as `backbone.`: its names also fit the decoder
+    with `enc.` replaced by `dec.bert.`, an accident of coverage; the mapping that only adds the prefix wins.
+    Two copies under equal prefixes stay an error."""
+    class Backbone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec = nn.Module(), nn.Module()
+            self.enc.layer, self.dec.bert = nn.Linear(4, 4), nn.Module()
+            self.dec.bert.layer = nn.Linear(4, 4)
+
+    backbone = Backbone()
+    result = prune(backbone, sparsity=0.5, method="omp", modalities={"text": r"^enc\."}, exclude=[r"^dec\."])
+    assert set(result.masks) == {"enc.layer.weight"}
+    holder = nn.Module()
+    holder.backbone = Backbone()
+    assert set(result.masks_for(holder, partial=True)) == {"backbone.enc.layer.weight"}
+    twins = nn.Module()
+    twins.a, twins.b = Backbone(), Backbone()
+    with pytest.raises(ValueError, match="2 different name prefixes"):
+        result.masks_for(twins, partial=True)
