@@ -1,6 +1,6 @@
 """MultiFlowCallback: prune once when fitting starts and keep the pruned weights at zero.
 
-(About 380 lines, mostly documentation: every Lightning hook and argument is documented here;
+(About 560 lines, mostly documentation: every Lightning hook and argument is documented here;
 the exact parts live in `pruning/` — masks in `engine.py`, upkeep in `upkeep.py`.)
 
 The callback is thin glue between Lightning and `mflightning.pruning`: it finds calibration data,
