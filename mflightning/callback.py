@@ -1,6 +1,6 @@
 """MultiFlowCallback: prune once when fitting starts and keep the pruned weights at zero.
 
-(About 380 lines, mostly documentation: every Lightning hook and argument is documented here;
+(About 560 lines, mostly documentation: every Lightning hook and argument is documented here;
 the exact parts live in `pruning/` — masks in `engine.py`, upkeep in `upkeep.py`.)
 
 The callback is thin glue between Lightning and `mflightning.pruning`: it finds calibration data,
@@ -25,6 +25,8 @@ parameters). Others stop in `setup` with an error naming the strategy.
 from __future__ import annotations
 
 import os
+import tempfile
+import uuid
 import weakref
 from collections.abc import Iterable
 from pathlib import Path
@@ -123,6 +125,12 @@ class MultiFlowCallback(Callback):
         self._restored_sparsity: float | None = None  # the restored masks' own sparsity and method
         self._restored_method: str | None = None
         self._handles: list[Any] = []
+        self._reduce: Callable[[Tensor], Tensor] | None = None  # sums sparsity counts over shards (FSDP2)
+        # masks carried between processes (ddp_spawn workers and the launching process): see `_carry`
+        self._owner_pid = os.getpid()
+        self._carried_file = str(Path(tempfile.gettempdir()) / f"mflightning-masks-{os.getpid()}-{uuid.uuid4().hex}.pt")
+        self._carried: dict[str, Any] | None = None
+        self._logged_step = -1  # the last step whose sparsity was logged
 
     @property
     def sparsity(self) -> float | None:
@@ -170,6 +178,17 @@ class MultiFlowCallback(Callback):
         if self._keeper is not None:
             self._keeper.zero_gradients(optimizer)
 
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Log the measured sparsity every `log_every_n_steps` optimizer steps, as Lightning logs metrics
+        (one read of the masked weights: a kept weight that training drove to exactly zero shows)."""
+        step = trainer.global_step
+        if self._keeper is None or not trainer.loggers or step == self._logged_step:
+            return
+        if step % max(1, trainer.log_every_n_steps) == 0:
+            self._logged_step = step
+            self._log_figures(trainer, self._keeper.measured_sparsity(self._reduce))
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Re-zero the weights and their copies: an averaging callback copies its weights back into the
         module now (before or after this hook, whatever the callback order)."""
@@ -177,8 +196,15 @@ class MultiFlowCallback(Callback):
             self._keeper.zero_weights()
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Stop watching the optimizers."""
+        """Stop watching the optimizers. In a process the launching one spawned (`ddp_spawn`), hand the
+        masks back to it (a file rank 0 writes), so it knows them and a second fit keeps them."""
         self._unwatch()
+        if os.getpid() != self._owner_pid and self._keeper is not None:
+            carried = self._carry()  # gathers sharded masks: every rank runs this
+            if trainer.is_global_zero:
+                partial = f"{self._carried_file}.{os.getpid()}.tmp"
+                torch.save(carried, partial)
+                os.replace(partial, self._carried_file)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Also stop watching when fitting ends in an exception."""
@@ -204,16 +230,18 @@ class MultiFlowCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the checkpoint's masks until pruning time applies them (bit-packed, or bool from older files)."""
         if state_dict.get("packed_masks"):
-            shapes = state_dict["mask_shapes"]
-            masks = {name: unpack_mask(packed, shapes[name]) for name, packed in state_dict["packed_masks"].items()}
-            self._restored = {**state_dict, "masks": masks}
+            self._restored = {**state_dict, "masks": _unpacked(state_dict)}
         elif state_dict.get("masks"):  # checkpoints written before masks were bit-packed
             self._restored = state_dict
 
     # ------------------------------------------------------------------ queries
     @property
     def kept_masks(self) -> dict[str, Tensor]:
-        """Parameter name -> bool tensor, True where the weight is kept (this process's shard under FSDP2)."""
+        """Parameter name -> bool tensor, True where the weight is kept (this process's shard under FSDP2;
+        after a `ddp_spawn` fit, in the launching process, the full masks its workers handed back)."""
+        self._adopt_carried()
+        if self._keeper is None and self._carried is not None:
+            return _unpacked(self._carried["state"])
         return self._keeper.masks if self._keeper is not None else {}
 
     @property
@@ -225,28 +253,65 @@ class MultiFlowCallback(Callback):
                           ) -> dict[str, float]:
         """Fraction of exact zeros over the masked weights, per group and `total` (reads the weights).
 
-        The figures count only the layers that have a mask (`kept_masks`). `pl_module` is accepted for
-        compatibility; the masked module is the one pruned last.
+        The figures count only the layers that have a mask (`kept_masks`), over every process's shard:
+        under FSDP2 the counts are summed over ranks (a collective: call it on every rank), so each
+        rank gets the global figure. `pl_module` is accepted for compatibility; the masked module is
+        the one pruned last.
         """
-        if self._keeper is None:
-            return {"total": 0.0}
-        return self._keeper.measured_sparsity(reduce)
+        self._adopt_carried()
+        if self._keeper is None:  # after a ddp_spawn fit: the figures its workers measured at the end
+            return dict(self._carried["figures"]) if self._carried is not None else {"total": 0.0}
+        return self._keeper.measured_sparsity(reduce or self._reduce)
 
     # ------------------------------------------------------------------ internals
     def _ensure_pruned(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Prune `pl_module` unless its masks are in place; a checkpoint just loaded (`ckpt_path=`) always
+        applies, to whichever module it was loaded into, and only once: its masks never reach a later module."""
+        self._adopt_carried()
         current = self._module() if self._module is not None else None
-        if self._keeper is not None and current is pl_module:
+        same = self._keeper is not None and current is pl_module
+        if same and self._restored is None:
             return
-        if self._keeper is not None:  # a second fit on another module: nothing of the first may leak
-            rank_zero_info("[mflightning] new module: pruning it afresh (the previous module's masks are dropped)")
-            self._keeper = None
-            self.result = None
+        carried, self._carried = self._carried, None  # used at most once, by the module that carries it
+        if self._keeper is None and carried is not None and self._restored is None:
+            masks = _unpacked(carried["state"])
+            if self._module_carries(trainer, pl_module, masks):  # the module a ddp_spawn fit returned
+                self._restored = {**carried["state"], "masks": masks}
+                with torch.inference_mode(False):
+                    self._prune_or_restore(trainer, pl_module, source="the previous fit (in another process)")
+                self.result = carried["result"]
+                self._module = weakref.ref(pl_module)
+                return
+            rank_zero_info("[mflightning] new module: pruning it afresh (the previous fit's masks are dropped)")
+        if same:  # fit/validate/test(ckpt_path=X) on the module already pruned: X's masks replace the current ones
+            self._warn_if_checkpoint_replaces_masks()
+        elif self._keeper is not None:  # a second fit on another module: nothing of the first may leak
+            how = "applying the checkpoint's masks" if self._restored is not None else "pruning it afresh"
+            rank_zero_info(f"[mflightning] new module: {how} (the previous module's masks are dropped)")
+        self._keeper = None
+        self.result = None
         # validate/test hooks run under inference mode; masks must stay usable by a later fit
         with torch.inference_mode(False):
             self._prune_or_restore(trainer, pl_module)
         self._module = weakref.ref(pl_module)
 
-    def _prune_or_restore(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _warn_if_checkpoint_replaces_masks(self) -> None:
+        """Warn when the loaded checkpoint's masks differ from those this callback applied to the module."""
+        assert self._keeper is not None and self._restored is not None
+        current = self._keeper.full_masks()  # gathers shards: every rank runs this hook
+        restored = self._restored["masks"]
+        changed = sum(int((current[n] != restored[n].bool()).sum()) if n in restored and
+                      tuple(restored[n].shape) == tuple(current[n].shape) else current[n].numel() for n in current)
+        changed += sum(restored[n].numel() for n in restored if n not in current)
+        if changed:
+            before = self.result.target_sparsity if self.result is not None else self._restored_sparsity
+            rank_zero_warn(
+                f"[mflightning] the checkpoint's masks (sparsity {self._restored.get('target_sparsity')}) replace "
+                f"the masks this callback applied to the module (sparsity {before}): {changed:,d} mask entries "
+                "change; the checkpoint's apply, whatever this callback's settings say"
+            )
+
+    def _prune_or_restore(self, trainer: Trainer, pl_module: LightningModule, source: str = "checkpoint") -> None:
         if self._restored is not None:
             restored, self._restored = self._restored, None  # used once: a later fit starts afresh
             masks = {name: m.bool() for name, m in restored["masks"].items()}
@@ -265,7 +330,6 @@ class MultiFlowCallback(Callback):
                     f"{self.sparsity}; start a new fit without ckpt_path to prune at another sparsity"
                 )
             self._restored_sparsity, self._restored_method = saved, restored.get("method")
-            source = "checkpoint"
         elif self.masks is not None:
             self.result = self._given_result()
             masks = self._masks_for(self.result, pl_module)
@@ -283,6 +347,8 @@ class MultiFlowCallback(Callback):
         for label, copy in self._copies_held_elsewhere(trainer, pl_module):
             self._keeper.follow(copy, label=label + ":")
         self._keeper.zero_weights()
+        strategy = trainer.strategy
+        self._reduce = (lambda t: strategy.reduce(t, reduce_op="sum")) if _sharded(self._keeper) else None
         self._report(trainer, source)
 
     def _copies_held_elsewhere(self, trainer: Trainer, pl_module: LightningModule) -> list[tuple[str, nn.Module]]:
@@ -381,7 +447,8 @@ class MultiFlowCallback(Callback):
             progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
             shard=(trainer.global_rank, world) if world > 1 else None,
             reduce=(lambda t: strategy.reduce(t, reduce_op="sum")) if world > 1 else None,
-            transfer=lambda batch: strategy.batch_to_device(batch),
+            # as training batches: the precision plugin's dtype (bf16-true, 16-true, 64-true), then the device
+            transfer=lambda batch: strategy.batch_to_device(precision.convert_input(batch)),
         )
 
     def _watch_optimizers(self, trainer: Trainer) -> None:
@@ -402,12 +469,9 @@ class MultiFlowCallback(Callback):
     def _report(self, trainer: Trainer, source: str) -> None:
         keeper = self._keeper
         assert keeper is not None
-        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if _sharded(keeper) else None
-        figures = keeper.measured_sparsity(reduce)
-        metrics = {"pruning/sparsity": figures["total"]}
-        metrics.update({f"pruning/sparsity_{g}": v for g, v in figures.items() if g != "total"})
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        figures = keeper.measured_sparsity(self._reduce)
+        self._logged_step = trainer.global_step
+        self._log_figures(trainer, figures)
         numel = keeper.numel()
         lines = [
             f"[mflightning] pruned from {source}: sparsity {figures['total']:.4f} over the {len(keeper.masks)} "
@@ -419,6 +483,58 @@ class MultiFlowCallback(Callback):
                          "take their sources' masks")
         rank_zero_info("\n".join(lines))
 
+    @staticmethod
+    def _log_figures(trainer: Trainer, figures: dict[str, float]) -> None:
+        metrics = {"pruning/sparsity": figures["total"]}
+        metrics.update({f"pruning/sparsity_{g}": v for g, v in figures.items() if g != "total"})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    # ------------------------------------------------------------------ masks carried between processes
+    def _carry(self) -> dict[str, Any]:
+        """What another process needs to know the masks: the checkpoint state, the figures, the result."""
+        return {"state": self.state_dict(), "figures": self.measured_sparsity(), "result": self.result}
+
+    def _adopt_carried(self) -> None:
+        """Take the masks a ddp_spawn worker handed back (in the launching process, or in a worker that has
+        no masks yet: a forked one inherits the launching process's memory, not its later reads)."""
+        if os.getpid() != self._owner_pid and self._keeper is not None:
+            return
+        path = Path(self._carried_file)
+        if not path.is_file():
+            return
+        carried = torch.load(path, weights_only=False)
+        if os.getpid() == self._owner_pid:
+            path.unlink(missing_ok=True)
+        self._keeper, self._module, self._reduce = None, None, None
+        self._carried, self.result = carried, carried["result"]
+
+    def _module_carries(self, trainer: Trainer, pl_module: LightningModule, masks: dict[str, Tensor]) -> bool:
+        """Whether `pl_module` is the module the carried masks were made for: it has their parameters and is
+        exactly zero wherever they prune (a fresh module, or one pruned otherwise, is not)."""
+        from .pruning.upkeep import local, shard_like
+
+        params = dict(pl_module.named_parameters())
+        wrong = sum(name not in params or tuple(params[name].shape) != tuple(kept.shape)
+                    for name, kept in masks.items())
+        if not wrong:
+            for name, kept in masks.items():
+                weight = local(params[name].detach())
+                wrong += int((weight[~shard_like(kept, params[name])] != 0).any())
+        if trainer.world_size > 1:  # every rank decides alike
+            wrong = int(trainer.strategy.reduce(torch.tensor(float(wrong), device=trainer.strategy.root_device),
+                                                reduce_op="sum").item())
+        return wrong == 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for another process (ddp_spawn): masks travel as carried masks, bound to no module."""
+        self._adopt_carried()
+        state = dict(self.__dict__)
+        if self._keeper is not None and not _sharded(self._keeper):
+            state["_carried"] = self._carry()
+        state.update(_keeper=None, _module=None, _handles=[], _reduce=None)
+        return state
+
 
 def _preset_forward(pl_module: nn.Module, config: PruningConfig) -> tuple[Callable | None, str | None]:
     """The calibration forward of the module's preset (named, or recognised: e.g. a transformers CLIP held
@@ -428,6 +544,12 @@ def _preset_forward(pl_module: nn.Module, config: PruningConfig) -> tuple[Callab
         preset = recognise_preset(pl_module)
     adapter = calibration_adapter(pl_module, preset)
     return (adapter.forward if adapter is not None else None), preset
+
+
+def _unpacked(state: dict[str, Any]) -> dict[str, Tensor]:
+    """The bool masks of a `state_dict()` (bit-packed)."""
+    shapes = state["mask_shapes"]
+    return {name: unpack_mask(packed, shapes[name]) for name, packed in state["packed_masks"].items()}
 
 
 def _groups_for(result: PruningResult, masks: dict[str, Tensor]) -> dict[str, str]:

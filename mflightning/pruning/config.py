@@ -88,10 +88,9 @@ class PruningConfig:
         self.exclude = tuple(self.exclude)
         if self.image_groups is not None:
             self.image_groups = (self.image_groups,) if isinstance(self.image_groups, str) else tuple(self.image_groups)
-        if self.num_batches is not None and (isinstance(self.num_batches, bool) or int(self.num_batches) < 1):
-            raise ValueError(f"num_batches must be >= 1 or None, got {self.num_batches!r}")
-        if isinstance(self.rounds, bool) or int(self.rounds) < 1:
-            raise ValueError(f"rounds must be >= 1, got {self.rounds!r}")
+        if self.num_batches is not None:
+            self.num_batches = _count("num_batches", self.num_batches)
+        self.rounds = _count("rounds", self.rounds)
 
     @classmethod
     def build(cls, config: "PruningConfig | None" = None, **settings: Any) -> "PruningConfig":
@@ -142,6 +141,14 @@ def check_method(method: str, allocation: str | None) -> tuple[Method, str]:
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}; expected one of {list(ALLOCATIONS)}")
     return spec, allocation
+
+
+def _count(name: str, value: Any) -> int:
+    """`value` as an int >= 1: an integral number (int, numpy integer, a float like 2.0), never a bool or a string."""
+    number = _real_number(value)
+    if number is None or not math.isfinite(number) or number != int(number) or number < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    return int(number)
 
 
 def _real_number(value: Any) -> float | None:

@@ -58,10 +58,12 @@ def _match_names(
     """How mask names become the model's parameter names: `(strip, add)`, name -> add + name[len(strip):].
 
     Exact names win. Otherwise every way of stripping a leading part of the mask names and/or
-    adding a prefix is tried, and exactly one distinct mapping must fit all names: a model holding
-    two copies of the masked layers (`teacher.*`, `student.*`) is an error naming the candidates,
-    never a silent pick of the first. `prefix` settles it: the masks get `prefix` in front (after
-    stripping a leading part of theirs, if only that fits).
+    adding a prefix is tried; of the mappings that fit all names, those stripping least count (a
+    partial file's names may also fit elsewhere by replacing a leading part, by accident), and
+    exactly one must remain: a model holding two copies of the masked layers (`teacher.*`,
+    `student.*`) is an error naming the candidates, never a silent pick of the first. `prefix`
+    settles it: the masks get `prefix` in front (after stripping a leading part of theirs, if only
+    that fits).
     """
     if not names:
         return "", prefix or ""
@@ -77,6 +79,10 @@ def _match_names(
     for strip, add in dict.fromkeys(pairs):
         if all(n.startswith(strip) and add + n[len(strip):] in params for n in names):
             fitting.setdefault(tuple(add + n[len(strip):] for n in names), (strip, add))
+    # the mappings that keep most of the mask names: a mapping that replaces a leading part (text_encoder.
+    # -> text_decoder.bert.) explains a partial file's names only by accident when one adding a prefix fits
+    least = min((len(strip) for strip, _ in fitting.values()), default=0)
+    fitting = {resolved: pair for resolved, pair in fitting.items() if len(pair[0]) == least}
     if len(fitting) == 1:
         return next(iter(fitting.values()))
     if len(fitting) > 1:
@@ -86,12 +92,29 @@ def _match_names(
             "it holds several copies of the masked layers; pass prefix= (what the model puts in front "
             "of the mask names, '' for nothing) to say which copy to mask"
         )
-    missing = [n for n in names if (prefix or "") + n not in params]
+    raise ValueError(_mismatch(names, params, prefix, where))
+
+
+def _mismatch(names: list[str], params: Mapping[str, Tensor], prefix: str | None, where: str) -> str:
+    """Why no mapping fits every mask name: the mapping that fits most names and the names left over
+    (masks for layers the model lacks), or, when none fits most names, the names themselves."""
+    pairs = {("", prefix or "")} | {pair for n in names for pair in _candidate_pairs(n, params)
+                                    if prefix is None or pair[1] == prefix}
+
+    def fits(pair: tuple[str, str]) -> list[str]:
+        return [n for n in names if n.startswith(pair[0]) and pair[1] + n[len(pair[0]):] in params]
+
+    best = max(sorted(pairs), key=lambda pair: len(fits(pair)))
+    fitting = fits(best)
+    if 2 * len(fitting) > len(names):  # most names fit: the others are layers the model lacks
+        missing = [n for n in names if n not in set(fitting)]
+        mapping = "as they are" if best == ("", "") else f"under {_describe(best)}"
+        return (f"{where} name {len(missing)} layer(s) the model lacks (first: {missing[:3]}); the other "
+                f"{len(fitting)} of {len(names)} match its parameters {mapping}. The masks were computed on another "
+                "model (partial_masks= lets masks leave layers of the model uncovered, not name layers it lacks)")
     with_prefix = f" with prefix {prefix!r}" if prefix else ""
-    raise ValueError(
-        f"{where} do not match the model: {len(missing)} of {len(names)} mask names{with_prefix} are not "
-        f"parameters of it (first: {missing[:3]}), and no common name prefix fixes that"
-    )
+    return (f"{where} do not match the model: all {len(names)} mask names{with_prefix} are not parameters of it "
+            f"(first: {names[:3]}), and no common name prefix fixes that")
 
 
 def _candidate_pairs(probe: str, params: Mapping[str, Tensor]) -> list[tuple[str, str]]:

@@ -2,7 +2,9 @@
 
 `MaskKeeper` holds one bool mask (True = kept) per pruned parameter and does the three things
 training needs, each with one fused multi-tensor call per (device, dtype) group on accelerators
-(on CPU, through a small reusable float buffer, which is faster than casting a bool mask per element):
+(on CPU, through a small reusable integer buffer, which is faster than casting a bool mask per element).
+Pruned entries become exactly zero whatever they held (NaN, inf): the mask multiplies the tensor's
+bits viewed as integers, a masked fill at the speed of a multiply:
 - `zero_gradients(optimizer)`: before a step (and before gradient clipping), so clipping and the
   optimizer's state only ever see a sparse gradient;
 - `zero_weights(optimizer)`: after every real step (`attach` registers it as a step post-hook, so a
@@ -37,7 +39,26 @@ except ImportError:  # pragma: no cover - older torch without public DTensor
     DTensor = None  # type: ignore[assignment,misc]
     distribute_tensor = None  # type: ignore[assignment]
 
+try:  # torch >= 2.6
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover
+    FSDPModule = None  # type: ignore[assignment,misc]
+
 ReduceFn = Callable[[Tensor], Tensor]
+
+
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 module of `model` back into its sharded state (a local operation).
+
+    A forward without backward (calibration, validation) leaves the root FSDP2 module unsharded: its
+    `named_parameters()` are then full tensors whose storage FSDP2 frees at the next reshard, not
+    the sharded parameters the optimizer updates. Masks must be bound to the sharded ones.
+    """
+    if FSDPModule is None:
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def is_dtensor(tensor: Any) -> bool:
@@ -79,6 +100,7 @@ class MaskKeeper:
 
     def __init__(self, model: nn.Module, masks: Mapping[str, Tensor], groups: Mapping[str, str] | None = None,
                  *, copies: bool = True):
+        reshard(model)  # bind the masks to the parameters the optimizer updates (sharded under FSDP2)
         params = dict(model.named_parameters())
         unknown = [name for name in masks if name not in params]
         if unknown:
@@ -93,7 +115,7 @@ class MaskKeeper:
         self.groups: dict[str, str] = {name: (groups or {}).get(name, "all") for name in masks}
         self._by_optimizer: dict[int, tuple[tuple, list[tuple[nn.Parameter, Tensor]]]] = {}
         self._handles: list[Any] = []
-        self._buffers: dict[torch.dtype, Tensor] = {}  # CPU float buffers of `_fused_mul`
+        self._buffers: dict[torch.dtype, Tensor] = {}  # CPU integer buffers of `_fused_mul`
         # copies of masked weights: label -> (parameter, local mask); `_copy_of`: model name -> source name
         self.copies: dict[str, tuple[nn.Parameter, Tensor]] = {}
         self._copy_of: dict[str, str] = {}
@@ -114,6 +136,7 @@ class MaskKeeper:
         copies the model declares. Shapes must agree. The copies are zeroed at once.
         """
         masked = lambda n: n in self.masks or n in self._copy_of  # noqa: E731
+        reshard(module)
         named = dict(module.named_parameters())
         if rules is None:
             sources = {name: name for name in named if masked(name)}
@@ -161,7 +184,7 @@ class MaskKeeper:
     def zero_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Zero the gradients of pruned entries (parameters without a gradient are skipped)."""
         pairs = self._pairs(optimizer) if optimizer is not None else self._all_pairs()
-        # a non-finite gradient at a pruned entry becomes NaN, which AMP's scaler skips like any inf
+        # exact zeros: AMP's scaler has already looked for infs (in `unscale_`, before this hook runs)
         with torch.no_grad():
             _fused_mul([(local(p.grad), kept) for p, kept in pairs if p.grad is not None], self._buffers)
 
@@ -202,11 +225,15 @@ class MaskKeeper:
         names = list(dict.fromkeys(self.groups.values()))
         counts = torch.zeros(2 * len(names), dtype=torch.float64)
         index = {g: i for i, g in enumerate(names)}
+        # zeros counted on the weights' device and read back once: no host sync per layer on accelerators
+        device = local(next(iter(self.params.values()))).device if self.params else torch.device("cpu")
+        zeros = torch.zeros(len(names), dtype=torch.int64, device=device)
         for name, param in self.params.items():
             w = local(param.detach())
             i = index[self.groups[name]]
-            counts[2 * i] += int((w == 0).sum())
+            zeros[i] += (w == 0).sum().to(device)
             counts[2 * i + 1] += w.numel()
+        counts[0::2] = zeros.cpu().double()
         if reduce is not None:
             device = next(iter(self.masks.values())).device if self.masks else torch.device("cpu")
             counts = reduce(counts.to(device)).cpu()
@@ -240,21 +267,33 @@ def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
-# CPU: a bool mask multiplied into a float tensor goes through a slow element-wise cast; copying the
-# mask into a float buffer first (a vectorised cast) and multiplying float by float is ~2.5x faster.
-_CPU_CHUNK = 1 << 20  # elements per buffer pass: a 4 MB fp32 buffer, however large the layer
+# Pruned entries are set to exactly zero whatever they held (NaN and inf included), kept entries are
+# left bit for bit: the tensor's bits, viewed as a same-width integer, are multiplied by the 0/1 mask
+# (a masked fill, at the cost of a multiply; `masked_fill_` is 10-20x slower on CPU, and a float
+# multiply leaves NaN * 0 = NaN). On CPU the mask is first copied into a reusable integer buffer, a
+# vectorised cast (multiplying by a bool tensor casts element by element, ~2.5x slower).
+_CPU_CHUNK = 1 << 20  # elements per buffer pass: a 4 MB int32 buffer, however large the layer
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # itemsize -> integer of that width
+
+
+def _as_bits(tensor: Tensor) -> Tensor:
+    """A floating tensor's storage as integers of the same width (zero bits = +0.0); others as they are."""
+    width = _BITS.get(tensor.element_size()) if tensor.dtype.is_floating_point else None
+    return tensor.view(width) if width is not None else tensor
 
 
 def _fused_mul(pairs: Iterable[tuple[Tensor, Tensor]], buffers: dict[torch.dtype, Tensor] | None = None) -> None:
-    """`tensor.mul_(mask)` for every pair: one `torch._foreach_mul_` per (device, dtype) group on
-    accelerators; on CPU through a reusable float buffer (`buffers`, one per dtype, kept by the caller)."""
+    """Zero the entries of every tensor where its mask is False, exactly (see above): one
+    `torch._foreach_mul_` per (device, dtype) group on accelerators; on CPU through a reusable integer
+    buffer (`buffers`, one per width, kept by the caller)."""
     grouped: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
     for tensor, mask in pairs:
-        tensors, masks = grouped.setdefault((tensor.device, tensor.dtype), ([], []))
-        tensors.append(tensor)
+        bits = _as_bits(tensor)
+        tensors, masks = grouped.setdefault((bits.device, bits.dtype), ([], []))
+        tensors.append(bits)
         masks.append(mask)
     for (device, dtype), (tensors, masks) in grouped.items():
-        if device.type != "cpu" or not dtype.is_floating_point:
+        if device.type != "cpu" or dtype == torch.bool:
             torch._foreach_mul_(tensors, masks)
             continue
         store = buffers if buffers is not None else {}

@@ -18,13 +18,25 @@ from toy_models import GROUPS, ToyModule, make_batches
 
 
 class ShardedToy(ToyModule):
+    """Each block sharded, then the root. `root_layers=True` leaves the text layers to the root's group:
+    a forward without backward (calibration, validation) leaves those unsharded, the layout that crashed
+    at train end (issue 22, item 1)."""
+
+    def __init__(self, seed: int, root_layers: bool = False):
+        super().__init__(seed=seed)
+        self.root_layers = root_layers
+
     def configure_model(self):
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
-        for part in (self.model.vision, *self.model.text.values(), self.model.head):
+        blocks = (self.model.vision, self.model.head)
+        for part in blocks if self.root_layers else (*blocks, *self.model.text.values()):
             fully_shard(part, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
+
+    def validation_step(self, batch, batch_idx):
+        self.model(**{k: batch[k] for k in ("image", "input_ids", "attention_mask")})
 
 
 class ZeroProbe(L.Callback):
@@ -46,14 +58,17 @@ def fit(out: Path, mode: str, seed: int, ckpt_path=None):
     pruning = MultiFlowCallback(0.7, calibration=make_batches(5, seed=3), modalities=GROUPS, exclude=[r"head\."])
     probe = ZeroProbe(pruning)
     checkpoint = ModelCheckpoint(dirpath=out / f"ckpt-{mode}", save_last=True)
+    root_layers = mode == "full"  # the two checkpoint layouts also cover the two shardings
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, max_steps=3 if ckpt_path is None else 6,
+        accelerator="cpu", devices=2, max_steps=3 if ckpt_path is None else 6, limit_val_batches=1,
+        val_check_interval=3 if root_layers else None, num_sanity_val_steps=0,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
                                        save_distributed_checkpoint=(mode == "distributed")),
         logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[pruning, probe, checkpoint],
     )
-    module = ShardedToy(seed=seed)
-    trainer.fit(module, DataLoader(make_batches(6), batch_size=None), ckpt_path=ckpt_path)
+    module = ShardedToy(seed=seed, root_layers=root_layers)
+    val = DataLoader(make_batches(1), batch_size=None) if root_layers else None
+    trainer.fit(module, DataLoader(make_batches(6), batch_size=None), val, ckpt_path=ckpt_path)
     params = dict(module.named_parameters())
     full = pruning.keeper.full_masks()  # gathered: a collective on every rank
     report = {
@@ -64,6 +79,8 @@ def fit(out: Path, mode: str, seed: int, ckpt_path=None):
         "checks": probe.checks,
         "calibration_calls": module.calibration_calls,
         "sparsity": pruning.measured_sparsity(reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"))["total"],
+        "default_sparsity": pruning.measured_sparsity(),  # summed over ranks without being asked
+        "sharded": sorted(n for n, p in pruning.keeper.params.items() if type(p).__name__ == "DTensor"),
     }
     return trainer, report
 

@@ -90,6 +90,51 @@ def test_a_reused_callback_prunes_the_second_module_too(tmp_path):
     assert any(not torch.equal(first_masks[n], pruning.kept_masks[n]) for n in first_masks)
 
 
+class WithTestStep(ToyModule):
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", self.training_step(batch, batch_idx))
+
+
+def test_a_checkpoint_loaded_for_testing_never_reaches_the_next_module(tmp_path):
+    """fit(m1), test(m1, ckpt_path=...), then fit(m2) with the same callback: m2 is calibrated and gets
+    its own masks, not those of m1's checkpoint."""
+    pruning = MultiFlowCallback(0.6, calibration=make_batches(2), **COMMON)
+    first, second = WithTestStep(), WithTestStep(seed=3)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    run = trainer(tmp_path, max_steps=2, callbacks=[pruning, checkpoint], enable_checkpointing=True)
+    run.fit(first, DataLoader(make_batches(4), batch_size=None))
+    first_masks = {n: m.clone() for n, m in pruning.kept_masks.items()}
+    run.test(first, DataLoader(make_batches(1), batch_size=None), ckpt_path="last")
+    assert all(torch.equal(first_masks[n], pruning.kept_masks[n]) for n in first_masks)
+    trainer(tmp_path, max_steps=2, callbacks=[pruning]).fit(second, DataLoader(make_batches(4), batch_size=None))
+    assert second.calibration_calls == 2, "the second module was calibrated"
+    assert any(not torch.equal(first_masks[n], pruning.kept_masks[n]) for n in first_masks)
+    assert zero_where_pruned(pruning, second)
+
+
+def test_resuming_a_module_the_callback_already_pruned_takes_the_checkpoint_masks(tmp_path):
+    """fit(model, ckpt_path=X) after the callback pruned `model` at 0.5: X's masks (0.8) apply, with a
+    warning, and X's pruned weights stay zero through training."""
+    x_pruning = MultiFlowCallback(0.8, calibration=make_batches(2, seed=9), **COMMON)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "x", save_last=True)
+    trainer(tmp_path, max_steps=2, callbacks=[x_pruning, checkpoint], enable_checkpointing=True).fit(
+        ToyModule(seed=1), DataLoader(make_batches(2), batch_size=None))
+    x_masks = {n: m.clone() for n, m in x_pruning.kept_masks.items()}
+
+    pruning = MultiFlowCallback(0.5, calibration=make_batches(2), **COMMON)
+    module = ToyModule(seed=2)
+    trainer(tmp_path, max_steps=2, callbacks=[pruning]).fit(module, DataLoader(make_batches(2), batch_size=None))
+    assert pruning.measured_sparsity()["total"] == pytest.approx(0.5, abs=0.01)
+    with pytest.warns(UserWarning, match=r"checkpoint's masks \(sparsity 0.8\) replace the masks this callback "
+                                         r"applied to the module \(sparsity 0.5\): [\d,]+ mask entries change"):
+        trainer(tmp_path, max_steps=4, callbacks=[pruning]).fit(
+            module, DataLoader(make_batches(4), batch_size=None), ckpt_path=tmp_path / "x" / "last.ckpt")
+    assert all(torch.equal(pruning.kept_masks[n], x_masks[n]) for n in x_masks)
+    assert zero_where_pruned(pruning, module)
+    assert pruning.measured_sparsity()["total"] == pytest.approx(0.8, abs=0.01)
+    assert pruning.state_dict()["target_sparsity"] == 0.8
+
+
 def test_masks_with_another_sparsity_rethreshold_the_stored_scores(tmp_path):
     scores = prune(ToyModule().model, sparsity=0.5, calibration=make_batches(2),
                    forward=lambda m, b: m(b["image"], b["input_ids"], b["attention_mask"]), **COMMON)
@@ -266,3 +311,24 @@ def test_a_transformers_bert_fine_tuned_under_2_4_keeps_the_pattern(tmp_path):
     nonzero = {n: params[n].detach() != 0 for n in pruning.kept_masks}
     assert pattern_violations(nonzero, "2:4") == {}
     assert pruning.measured_sparsity()["total"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_a_pickled_callback_carries_its_masks_to_the_module_it_pruned_only(tmp_path):
+    """ddp_spawn pickles the callback into its workers: the masks travel with it (figures and masks known
+    without a module), a fit of the module that carries them keeps them, a fresh module is calibrated."""
+    import pickle
+
+    pruning = MultiFlowCallback(0.6, calibration=make_batches(2), **COMMON)
+    module = ToyModule()
+    trainer(tmp_path, max_steps=2, callbacks=[pruning]).fit(module, DataLoader(make_batches(2), batch_size=None))
+    masks = {n: m.clone() for n, m in pruning.kept_masks.items()}
+    copy = pickle.loads(pickle.dumps(pruning))
+    assert copy.keeper is None and copy.measured_sparsity() == pruning.measured_sparsity()
+    assert all(torch.equal(copy.kept_masks[n], masks[n]) for n in masks)
+    module.calibration_calls = 0
+    trainer(tmp_path, max_steps=2, callbacks=[copy]).fit(module, DataLoader(make_batches(2), batch_size=None))
+    assert module.calibration_calls == 0 and all(torch.equal(copy.kept_masks[n], masks[n]) for n in masks)
+    assert copy.result is not None and copy.result.target_sparsity == 0.6
+    fresh, other = ToyModule(seed=7), pickle.loads(pickle.dumps(pruning))
+    trainer(tmp_path, max_steps=1, callbacks=[other]).fit(fresh, DataLoader(make_batches(1), batch_size=None))
+    assert fresh.calibration_calls == 2 and zero_where_pruned(other, fresh)

@@ -19,10 +19,13 @@ def test_the_config_is_validated_once_naming_the_field():
         PruningConfig(method="nope")
     with pytest.raises(ValueError, match="unknown allocation 'sideways'"):
         PruningConfig(allocation="sideways")
-    with pytest.raises(ValueError, match="rounds must be >= 1"):
-        PruningConfig(rounds=0)
-    with pytest.raises(ValueError, match="num_batches must be >= 1"):
-        PruningConfig(num_batches=0)
+    for bad in (0, 2.5, "2", True, float("nan")):  # refused at once, not late with an unrelated message
+        with pytest.raises(ValueError, match=f"rounds must be a whole number >= 1, got {bad!r}"):
+            PruningConfig(rounds=bad)
+        with pytest.raises(ValueError, match=f"num_batches must be a whole number >= 1, got {bad!r}"):
+            MultiFlowCallback(0.5, num_batches=bad)
+    assert PruningConfig(num_batches=np.int64(2), rounds=3.0).num_batches == 2
+    assert type(PruningConfig(num_batches=np.int64(2), rounds=3.0).rounds) is int
     with pytest.raises(TypeError, match="unknown pruning setting\\(s\\) \\['sparsty'\\]"):
         PruningConfig.build(sparsty=0.5)
     config = PruningConfig(sparsity=np.float32(0.5), exclude="head", image_groups="vision")

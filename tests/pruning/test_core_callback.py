@@ -134,6 +134,38 @@ def test_a_mask_file_is_applied_without_calibration_and_logged(tmp_path):
     assert set(logged) == {"pruning/sparsity", "pruning/sparsity_vision", "pruning/sparsity_text"}
 
 
+class ZeroOneKeptWeightAt(L.Callback):
+    """Sets kept weights to exactly zero after step `step`: the next sparsity logged must show it."""
+
+    def __init__(self, pruning, step):
+        self.pruning, self.step = pruning, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            kept = self.pruning.kept_masks["model.text.fc1.weight"]
+            with torch.no_grad():
+                pl_module.model.text.fc1.weight[kept] = 0.0
+
+
+def test_sparsity_is_measured_and_logged_as_training_goes(tmp_path):
+    """`pruning/sparsity` is logged at pruning time and every `log_every_n_steps` steps after, measured
+    on the weights (a kept layer driven to zero raises it), once per step under gradient accumulation."""
+    module = ToyModule(lr=0.0, weight_decay=0.0)  # nothing else moves the zeros
+    pruning = MultiFlowCallback(0.5, calibration=make_batches(2), **COMMON)
+    logger = CSVLogger(tmp_path, name="log")
+    trainer(tmp_path, max_steps=6, log_every_n_steps=2, accumulate_grad_batches=2, logger=logger,
+            callbacks=[pruning, ZeroOneKeptWeightAt(pruning, 3)]).fit(module, loader(12))
+    with open(logger.log_dir + "/metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("pruning/sparsity")]
+    logged = {int(row["step"]): float(row["pruning/sparsity"]) for row in rows}
+    assert len(rows) == len(logged) == 4 and sorted(logged) == [0, 2, 4, 6]
+    fc1 = module.model.text.fc1.weight.numel()
+    total = sum(m.numel() for m in pruning.kept_masks.values())
+    assert logged[0] == logged[2] == pytest.approx(0.5, abs=0.01)
+    zeroed = float(pruning.kept_masks["model.text.fc1.weight"].sum())
+    assert logged[4] == logged[6] == pytest.approx(logged[2] + zeroed / total) and zeroed < fc1
+
+
 class WithCalibrationData(L.LightningDataModule):
     def train_dataloader(self):
         return loader()
@@ -174,6 +206,22 @@ def test_bf16_mixed_precision_calibrates_in_fp32_and_stays_sparse(tmp_path):
     assert agreement > 0.97
 
 
+@pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("16-true", torch.float16),
+                                              ("64-true", torch.float64)])
+def test_true_precisions_convert_calibration_batches_like_training_batches(tmp_path, precision, dtype):
+    """Under a "-true" precision the module's weights change dtype; calibration batches go through the
+    precision plugin's `convert_input` as training batches do (they crashed with a dtype mismatch)."""
+    module = ToyModule()
+    callback = MultiFlowCallback(0.6, calibration=make_batches(3), **COMMON)
+    trainer(tmp_path, max_steps=2, precision=precision, callbacks=[callback]).fit(module, loader(2))
+    assert module.model.vision[0].weight.dtype == dtype and module.calibration_calls == 3
+    assert_pruned_weights_are_zero(callback, module)
+    reference = prune(ToyModule(), sparsity=0.6, calibration=make_batches(3),
+                      forward=lambda m, b: m.calibration_step(b), **COMMON)
+    agreement = torch.cat([(callback.kept_masks[n] == reference.masks[n]).flatten() for n in reference.masks])
+    assert agreement.float().mean() >= (1.0 if dtype == torch.float64 else 0.99)
+
+
 def test_bad_callback_arguments_are_named(tmp_path):
     with pytest.raises(ValueError, match="sparsity must be in"):
         MultiFlowCallback(1.0)
@@ -193,11 +241,14 @@ def test_bad_callback_arguments_are_named(tmp_path):
 
 class InfEveryOtherStep(ToyModule):
     def training_step(self, batch, batch_idx):
+        self.autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
         loss = super().training_step(batch, batch_idx)
         return loss * float("inf") if batch_idx % 2 == 0 else loss
 
 
 def test_skipped_amp_steps_leave_the_weights_alone(tmp_path, monkeypatch):
+    """fp16 autocast with a GradScaler on CPU: the explicit plugin is needed (the string
+    precision="16-mixed" means bf16 on CPU, without a scaler)."""
     from lightning.pytorch.plugins import MixedPrecision
 
     module = InfEveryOtherStep()
@@ -208,6 +259,8 @@ def test_skipped_amp_steps_leave_the_weights_alone(tmp_path, monkeypatch):
     scaler = torch.amp.GradScaler("cpu")
     plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
     trainer(tmp_path, max_steps=6, plugins=[plugin], callbacks=[callback]).fit(module, loader())
+    assert module.autocast == (True, torch.float16)
     assert len(real_steps) == 3  # the scaler skipped the three steps with an infinite loss
+    assert scaler.get_scale() < 2.0 ** 16  # and lowered its scale
     assert_pruned_weights_are_zero(callback, module)
     assert all(torch.isfinite(p).all() for p in module.parameters())

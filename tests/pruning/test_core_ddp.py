@@ -51,3 +51,18 @@ def test_a_loader_already_sharded_by_a_distributed_sampler_is_not_sharded_again(
         # the same samples in other batches: the statistic is a sum over all tokens, so the same masks
         assert torch.equal(rank0["masks"][name], single["masks"][name]), name
         assert torch.equal(rank1["masks"][name], single["masks"][name]), name
+
+
+def test_ddp_spawn_hands_the_masks_back_to_the_launching_process(tmp_path):
+    """After a ddp_spawn fit the launching process knows the masks and the figures of the weights it got
+    back, and a second fit of that module keeps them instead of recalibrating."""
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, str(SCRIPT.with_name("ddp_spawn_script.py")), str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = torch.load(tmp_path / "spawn.pt", weights_only=False)
+    first, second = report["first"], report["second"]
+    assert first["masks"] and first["zeros_where_pruned"] and second["zeros_where_pruned"]
+    assert first["figures"]["total"] == pytest.approx(first["weight_zeros"]) == pytest.approx(0.6, abs=0.01)
+    assert all(torch.equal(second["masks"][n], m) for n, m in first["masks"].items()), "the second fit recalibrated"
+    assert second["figures"]["total"] == pytest.approx(second["weight_zeros"])

@@ -32,6 +32,8 @@ def run(tmp_path: Path, mode: str) -> None:
 
 @pytest.mark.parametrize("mode", ["distributed", "full"])
 def test_fsdp2_masks_match_one_process_stay_sharded_and_resume(tmp_path, mode):
+    """"full" also leaves the text layers to the root's FSDP group and validates: the layout whose
+    unsharded root parameters crashed `on_train_end` (issue 22, item 1)."""
     run(tmp_path, mode)
     ranks = [torch.load(tmp_path / f"fsdp2-{mode}-rank{r}.pt", weights_only=False) for r in (0, 1)]
     reference = prune(ToyModule(), sparsity=0.7, calibration=make_batches(5, seed=3),
@@ -50,6 +52,12 @@ def test_fsdp2_masks_match_one_process_stay_sharded_and_resume(tmp_path, mode):
         assert resumed["checks"] and all(resumed["checks"])
         assert resumed["calibration_calls"] == 0, "resuming must not recalibrate"
         assert first["sparsity"] == pytest.approx(reference.sparsity)
+        # the global figure on every rank, not the rank's own shard's
+        assert first["default_sparsity"]["total"] == pytest.approx(reference.sparsity)
+        assert resumed["default_sparsity"]["total"] == pytest.approx(reference.sparsity)
+        # masks bound to the sharded parameters the optimizer updates, also for the root's own layers
+        # (left unsharded by calibration's and validation's forwards), and the fit ran to its end
+        assert first["sharded"] == sorted(reference.masks)
     # 5 calibration batches split 3 + 2; an FSDP2 forward is a collective, so rank 1 runs one more
     # forward to keep pace, whose statistics are not counted (the masks above equal the reference)
     assert [r["first"]["calibration_calls"] for r in ranks] == [3, 3]

@@ -168,3 +168,48 @@ def test_the_cli_rethresholds_scores_files_and_names_the_setting_for_itersnip(mo
     with pytest.raises(RecipeError, match=r"pruning.sparsity=0.7 with mask file .*itersnip.safetensors.*re-run"):
         PruningSettings(sparsity=0.7, masks=str(path)).load_masks()
     assert PruningSettings(sparsity=0.5, masks=str(path)).load_masks().target_sparsity == 0.5
+
+
+def test_masks_for_layers_the_model_lacks_are_named_not_called_a_prefix_mismatch(model):
+    """A file with a mask for a layer the module lacks (the rest fitting under 'model.') names that
+    layer and the prefix that fits, with or without partial=True; a file covering part of the module
+    applies with partial=True."""
+    from dataclasses import replace
+
+    result = prune(model, sparsity=0.5, method="omp", modalities=GROUPS, exclude=[r"head\."])
+    module = nn.Module()
+    module.model = ToyVLM()
+    extra = replace(result, masks={"adapter.weight": torch.ones(2, 2, dtype=torch.bool), **result.masks},
+                    groups={"adapter.weight": "text", **result.groups})
+    for partial in (False, True):
+        with pytest.raises(ValueError, match=r"name 1 layer\(s\) the model lacks \(first: \['adapter.weight'\]\); "
+                                             r"the other 5 of 6 match its parameters under 'model\.'.*partial_masks"):
+            extra.masks_for(module, partial=partial)
+    text_only = {n: m for n, m in result.masks.items() if n.startswith("text.")}
+    part = replace(result, masks=text_only, groups={n: result.groups[n] for n in text_only})
+    assert set(part.masks_for(module, partial=True)) == {"model." + n for n in text_only}
+    with pytest.raises(ValueError, match="vision"):  # without partial=True the uncovered layers are named
+        part.masks_for(module)
+
+
+def test_a_partial_file_is_not_called_ambiguous_when_one_prefix_keeps_its_names():
+    """A file covering only the encoder of a backbone held as `backbone.`: its names also fit the decoder
+    with `enc.` replaced by `dec.bert.`, an accident of coverage; the mapping that only adds the prefix wins.
+    Two copies under equal prefixes stay an error."""
+    class Backbone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec = nn.Module(), nn.Module()
+            self.enc.layer, self.dec.bert = nn.Linear(4, 4), nn.Module()
+            self.dec.bert.layer = nn.Linear(4, 4)
+
+    backbone = Backbone()
+    result = prune(backbone, sparsity=0.5, method="omp", modalities={"text": r"^enc\."}, exclude=[r"^dec\."])
+    assert set(result.masks) == {"enc.layer.weight"}
+    holder = nn.Module()
+    holder.backbone = Backbone()
+    assert set(result.masks_for(holder, partial=True)) == {"backbone.enc.layer.weight"}
+    twins = nn.Module()
+    twins.a, twins.b = Backbone(), Backbone()
+    with pytest.raises(ValueError, match="2 different name prefixes"):
+        result.masks_for(twins, partial=True)

@@ -115,19 +115,51 @@ def test_packed_masks_unpack_bit_for_bit(shape):
         unpack_mask(packed[:-1] if packed.numel() > 1 else torch.zeros(3, dtype=torch.uint8), shape)
 
 
-def test_cpu_masking_in_buffer_chunks_equals_a_plain_multiply(monkeypatch):
-    """The CPU path copies the mask into a float buffer chunk by chunk: layers larger than a chunk,
-    bf16 and non-contiguous gradients must come out exactly as tensor * mask."""
+def test_cpu_masking_in_buffer_chunks_equals_a_masked_fill(monkeypatch):
+    """The CPU path copies the mask into an integer buffer chunk by chunk: layers larger than a chunk,
+    bf16, fp16, fp64 and non-contiguous gradients must come out exactly as a masked fill."""
     import mflightning.pruning.upkeep as upkeep
 
     monkeypatch.setattr(upkeep, "_CPU_CHUNK", 7)  # force several chunks per layer
     torch.manual_seed(0)
-    tensors = [torch.randn(5, 6), torch.randn(4, 4).to(torch.bfloat16), torch.randn(6, 5).t()]
+    tensors = [torch.randn(5, 6), torch.randn(4, 4).to(torch.bfloat16), torch.randn(6, 5).t(),
+               torch.randn(3, 3).half(), torch.randn(9).double()]
     masks = [torch.rand(t.shape) > 0.5 for t in tensors]
-    expected = [t * m for t, m in zip(tensors, masks)]
+    expected = [t.masked_fill(~m, 0) for t, m in zip(tensors, masks)]
     upkeep._fused_mul(list(zip(tensors, masks)), {})
     for got, want in zip(tensors, expected):
-        assert torch.equal(got, want)
-    special = torch.tensor([float("inf"), 1.0, float("nan")])
-    upkeep._fused_mul([(special, torch.tensor([False, False, True]))], {})
-    assert special[0].isnan() and special[1] == 0 and special[2].isnan()  # inf * 0 = NaN, as with mul_
+        assert torch.equal(got, want) and got.dtype == want.dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_pruned_entries_become_exact_zeros_whatever_they_held(dtype, contiguous):
+    """NaN, inf and -0.0 at pruned entries become +0.0 (a multiply would leave NaN); kept entries,
+    non-finite ones included, keep their exact bits."""
+    from mflightning.pruning.upkeep import _fused_mul
+
+    values = torch.tensor([[float("nan"), float("inf"), -float("inf"), -0.0, 1.5, float("nan")]] * 2, dtype=dtype)
+    kept = torch.tensor([[False, False, False, False, True, True], [True, True, True, True, False, False]])
+    tensor = values.clone() if contiguous else values.t().clone().t()
+    _fused_mul([(tensor, kept)], {})
+    pruned = tensor[~kept]
+    assert pruned.isfinite().all() and (pruned == 0).all() and not torch.signbit(pruned).any()
+    bits = torch.int64 if dtype == torch.float64 else (torch.int16 if dtype.itemsize == 2 else torch.int32)
+    assert torch.equal(tensor.contiguous().view(bits)[kept], values.view(bits)[kept])
+
+
+def test_keeper_zeroes_non_finite_weights_and_gradients_at_pruned_entries():
+    """After a step that wrote NaN/inf everywhere, pruned weights and gradients are exact zeros."""
+    model = nn.Linear(4, 3)
+    kept = torch.rand(3, 4) > 0.5
+    keeper = MaskKeeper(model, {"weight": kept})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    keeper.attach(optimizer)
+    model.weight.grad = torch.full((3, 4), float("inf"))
+    keeper.zero_gradients(optimizer)
+    assert (model.weight.grad[~kept] == 0).all() and model.weight.grad[kept].isinf().all()
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    optimizer.step()  # the post-hook re-zeroes
+    assert (model.weight[~kept] == 0).all() and model.weight[kept].isnan().all()
+    assert keeper.measured_sparsity()["total"] == pytest.approx(float((~kept).float().mean()))
