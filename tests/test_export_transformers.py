@@ -274,3 +274,27 @@ def test_a_lightning_checkpoint_exports_from_the_command_line_with_its_callback_
     captions = [c.strip() for c in processor.batch_decode(ids[:, prompt.input_ids.size(1) - 1:], skip_special_tokens=True)]
     assert captions == module.eval().generate(images)
     assert PruningResult.load(tmp_path / "out" / "masks.safetensors").method == "multiflow"
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "blip2", "llava"])
+def test_transformers_families_export_through_save_pretrained_and_reload_equal(tmp_path, family):
+    import test_hf_families as families
+
+    model = families.FAMILIES[family][0]()
+    result = prune(model, sparsity=0.5, method="omp")  # the family's preset, recognised
+    result.apply(model)
+    export = export_transformers(model, tmp_path / "out", masks=result, base_checkpoint="tiny random")
+    reloaded, info = type(model).from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    batch = families.batches(family, n=1)[0]
+    with torch.no_grad():
+        ours, theirs = model(**batch), reloaded.eval()(**batch)
+    key = "logits" if family in ("blip2", "llava") else "logits_per_image"
+    torch.testing.assert_close(theirs[key], ours[key], atol=0, rtol=0)
+    params = dict(reloaded.named_parameters())
+    masks = PruningResult.load(tmp_path / "out" / "masks.safetensors")
+    assert set(masks.masks) == set(result.masks) and masks.preset == family
+    assert all((params[n][~m] == 0).all() for n, m in masks.masks.items())
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert export.masks_sha256 == hashlib.sha256((tmp_path / "out" / "masks.safetensors").read_bytes()).hexdigest()
+    assert f"`{export.masks_sha256}`" in card and "tiny random" in card and f"`{type(model).__name__}`" in card
