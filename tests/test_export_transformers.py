@@ -298,3 +298,20 @@ def test_transformers_families_export_through_save_pretrained_and_reload_equal(t
     card = (tmp_path / "out" / "README.md").read_text()
     assert export.masks_sha256 == hashlib.sha256((tmp_path / "out" / "masks.safetensors").read_bytes()).hexdigest()
     assert f"`{export.masks_sha256}`" in card and "tiny random" in card and f"`{type(model).__name__}`" in card
+
+
+def test_the_compressed_loader_never_imports_what_a_config_names(tmp_path, monkeypatch):
+    """compressed-tensors' registry imports a "module:name" format string; our loader refuses it before that."""
+    pytest.importorskip("compressed_tensors")
+    from mflightning.export import load_compressed
+
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "mfl_config_probe.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('ran').write_text('x')\ndef thing(**kw):\n    return kw\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
+    (tmp_path / "model").mkdir()
+    config = {"quantization_config": {"sparsity_config": {"format": "mfl_config_probe:thing", "targets": []}}}
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="mfl_config_probe:thing.*nothing named in a config is imported"):
+        load_compressed(tmp_path / "model")
+    assert not (tmp_path / "code" / "ran").exists() and "mfl_config_probe" not in sys.modules
