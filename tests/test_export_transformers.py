@@ -315,3 +315,23 @@ def test_the_compressed_loader_never_imports_what_a_config_names(tmp_path, monke
     with pytest.raises(ValueError, match="mfl_config_probe:thing.*nothing named in a config is imported"):
         load_compressed(tmp_path / "model")
     assert not (tmp_path / "code" / "ran").exists() and "mfl_config_probe" not in sys.modules
+
+
+def test_a_transformers_folder_exports_from_the_command_line_with_a_mask_file(tmp_path):
+    import test_hf_families as families
+
+    from mflightning.cli import cli_main
+
+    model = families.clip_model()
+    result = prune(model, sparsity=0.5, method="omp")
+    result.apply(model)
+    model.save_pretrained(tmp_path / "pruned")
+    result.save(tmp_path / "masks.safetensors")
+    cli_main(["export", str(tmp_path / "pruned"), "--masks", str(tmp_path / "masks.safetensors"),
+              "--output_dir", str(tmp_path / "out"), "--format", "transformers"])
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "omp (target sparsity 0.5" in card and "`CLIPModel`" in card
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({"architectures": ["os.system"]}))
+    with pytest.raises(ValueError, match="names no transformers model class"):
+        export_transformers(tmp_path / "bad", tmp_path / "out2", masks=result)

@@ -31,8 +31,9 @@ def export_parser(prog: str = "mflightning export") -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", help="folder for model.safetensors and config.json")
     parser.add_argument("--format", default=AUTO, choices=(*FORMATS, AUTO, TRANSFORMERS),
                         help="auto: sparse-24-bitmask when every masked layer is 2:4, else sparse-bitmask; "
-                             "transformers: a BLIP task checkpoint as the Blip* class of its task (dense weights, "
-                             "pruned ones zero), with processor, model card and mask file")
+                             "transformers: a BLIP task checkpoint as the Blip* class of its task, or a transformers "
+                             "model's save_pretrained folder (dense weights, pruned ones zero), with model card and "
+                             "mask file")
     parser.add_argument("--task", default=None, choices=("retrieval", "captioning", "vqa"),
                         help="--format transformers: the checkpoint's task (default: read from its hyperparameters)")
     parser.add_argument("--dtype", default=None, help="cast floating-point tensors: bf16, fp16 or fp32 (default: keep)")

@@ -97,8 +97,8 @@ def export_transformers(
     Args:
         source: a BLIP task module (`RetrievalModule`, `CaptioningModule`, `VQAModule`), a Lightning
             checkpoint of one (its class read from the hyperparameters, or `task=`), a `BlipBackbone`
-            with `task=`, or a transformers model of a known family (CLIP, SigLIP, BLIP-2, LLaVA), bare or
-            held by a module as `model`.
+            with `task=`, or a transformers model (CLIP, SigLIP, BLIP-2, LLaVA...: bare, held by a module
+            as `model`, or a `save_pretrained` folder of one).
         masks: a PruningResult, a mask file, a name -> bool mask dict, or None: a checkpoint's
             MultiFlowCallback state, or the callback of the trainer the module is attached to.
             Every masked weight must already be exactly zero: a module whose masks and weights disagree
@@ -117,7 +117,9 @@ def export_transformers(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"out_dir {str(out)!r} exists and is not an empty folder: choose a new one")
     checkpoint_masks, checkpoint_info = None, None
-    if isinstance(source, (str, os.PathLike)):
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        source = load_transformers_folder(Path(source))
+    elif isinstance(source, (str, os.PathLike)):
         source, checkpoint_masks, checkpoint_info = load_task_checkpoint(Path(source), task, weights_only=weights_only)
     provenance = _provenance(masks, source, checkpoint_info)
     if masks is None:
@@ -405,6 +407,21 @@ def load_task_checkpoint(path: Path, task: str | None, *, weights_only: bool = T
     states = [s for s in (content.get("callbacks") or {}).values() if isinstance(s, Mapping) and "method" in s]
     info = {k: states[0].get(k) for k in ("method", "target_sparsity")} if len(states) == 1 else {}
     return module.eval(), checkpoint_callback_masks(content, str(path)), info
+
+
+def load_transformers_folder(path: Path) -> Any:
+    """The transformers model of a `save_pretrained` folder, by the class its config.json names (a transformers
+    PreTrainedModel class, looked up by name in the transformers package: nothing else is imported)."""
+    import transformers
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"folder {str(path)!r} has no config.json (a transformers save_pretrained folder has one)")
+    architectures = json.loads(config_file.read_text()).get("architectures") or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+        raise ValueError(f"{config_file}: architectures {architectures} names no transformers model class")
+    return model_class.from_pretrained(path).eval()
 
 
 def _task_from_hparams(hparams: Mapping[str, Any], where: str) -> str:
