@@ -96,8 +96,7 @@ def export_transformers(
 
     Args:
         source: a BLIP task module (`RetrievalModule`, `CaptioningModule`, `VQAModule`), a Lightning
-            checkpoint of one (its class read from the hyperparameters, or `task=`), a `BlipBackbone`
-            with `task=`, or a transformers model (CLIP, SigLIP, BLIP-2, LLaVA...: bare, held by a module
+            checkpoint of one (its class read from the hyperparameters, or `task=`), or a transformers model (CLIP, SigLIP, BLIP-2, LLaVA...: bare, held by a module
             as `model`, or a `save_pretrained` folder of one).
         masks: a PruningResult, a mask file, a name -> bool mask dict, or None: a checkpoint's
             MultiFlowCallback state, or the callback of the trainer the module is attached to.
@@ -165,7 +164,7 @@ def _export_blip(module: Any, out: Path, masks: MaskSource, provenance: Mapping[
         )
     task = task or getattr(module, "task", None)
     if task not in BLIP_CLASSES:
-        raise ValueError(f"task {task!r}: pass task= one of {sorted(BLIP_CLASSES)} (a bare backbone has none)")
+        raise ValueError(f"task {task!r}: pass task= one of {sorted(BLIP_CLASSES)}")
     architecture = BLIP_CLASSES[task]
     src = read_source(backbone, _backbone_masks(masks), partial=True)
     state = dict(backbone.state_dict())
