@@ -130,12 +130,13 @@ def caption_with_pipeline(model_dir: Path, world, prompt: str, module_captions: 
     from PIL import Image
     from transformers import pipeline
 
+    from mflightning.export.transformers_export import generation_settings
+
     record = json.loads(Path(world.caption_test).read_text())[0]
     image_path = Path(world.image_root) / record["image"]
     pipe = pipeline("image-text-to-text", model=str(model_dir))
     with Image.open(image_path) as image:
-        output = pipe(images=image.convert("RGB"), text=prompt,
-                      generate_kwargs={"generation_config": pipe.model.generation_config})
+        output = pipe(images=image.convert("RGB"), text=prompt, generate_kwargs=generation_settings(pipe.model))
     caption = output[0]["generated_text"][len(output[0]["input_text"]):].strip()
     ours = {str(r["image_id"]): r["caption"] for r in json.loads(module_captions.read_text())}.get(image_path.stem)
     return {"image": str(image_path), "caption": caption, "module_caption": ours, "reference": record["caption"][0]}

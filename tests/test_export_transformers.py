@@ -22,6 +22,7 @@ from mflightning import MultiFlowCallback, PruningResult, prune  # noqa: E402
 from mflightning.data.tokenizer import build_tokenizer, write_vocab  # noqa: E402
 from mflightning.data.transforms import CLIP_STD, build_test_transform  # noqa: E402
 from mflightning.export import export_transformers  # noqa: E402
+from mflightning.export.transformers_export import generation_settings  # noqa: E402
 from mflightning.models.blip import honour_cross_attention_masks  # noqa: E402
 
 CLASSES = {"retrieval": BlipForImageTextRetrieval, "captioning": BlipForConditionalGeneration,
@@ -97,7 +98,8 @@ def test_captioning_export_generates_the_modules_captions_token_for_token(export
     processor = BlipProcessor.from_pretrained(folder)
     images, _ = make_images(4, seed=3)
     prompt = processor(text=[module.prompt] * 4, return_tensors="pt")
-    hf_ids = model.generate(pixel_values=images, **prompt, generation_config=model.generation_config)
+    hf_ids = model.generate(pixel_values=images, **prompt, **generation_settings(model))
+    assert "num_beams=3, min_length=5, max_length=12" in (folder / "README.md").read_text()  # what the card says
     start = prompt.input_ids.size(1) - 1  # generate drops the prompt's [SEP]
     ours = module.backbone.generate_caption(
         module.decoder_ids(prompt.input_ids[:, :-1]), module.backbone.encode_image(images),
@@ -115,7 +117,7 @@ def test_a_transformers_pipeline_captions_an_image_as_the_module_does(exports):
     module, _, folder = exports["captioning"]
     image = Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype("uint8"))
     pipe = pipeline("image-text-to-text", model=str(folder))
-    out = pipe(images=image, text=module.prompt, generate_kwargs={"generation_config": pipe.model.generation_config})
+    out = pipe(images=image, text=module.prompt, generate_kwargs=generation_settings(pipe.model))
     pixels = build_test_transform(module.backbone.image_size)(image).unsqueeze(0)
     caption = out[0]["generated_text"][len(out[0]["input_text"]):].strip()
     assert caption == module.generate(pixels)[0]
@@ -270,7 +272,7 @@ def test_a_lightning_checkpoint_exports_from_the_command_line_with_its_callback_
     processor = BlipProcessor.from_pretrained(tmp_path / "out")
     images, _ = make_images(3, seed=2)
     prompt = processor(text=[module.prompt] * 3, return_tensors="pt")
-    ids = model.generate(pixel_values=images, **prompt, generation_config=model.generation_config)
+    ids = model.generate(pixel_values=images, **prompt, **generation_settings(model))
     captions = [c.strip() for c in processor.batch_decode(ids[:, prompt.input_ids.size(1) - 1:], skip_special_tokens=True)]
     assert captions == module.eval().generate(images)
     assert PruningResult.load(tmp_path / "out" / "masks.safetensors").method == "multiflow"

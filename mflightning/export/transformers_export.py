@@ -44,6 +44,8 @@ BLIP_CLASSES = {
     "vqa": "BlipForQuestionAnswering",
 }
 PIPELINE_TAGS = {"captioning": "image-to-text", "vqa": "visual-question-answering"}
+# the beam search a captioning export keeps in generation_config.json (BLIP's generate passes the token ids itself)
+CAPTION_GENERATION_KEYS = ("num_beams", "min_length", "max_length", "repetition_penalty", "do_sample")
 # transformers ties these in every BLIP class with a decoder: the module must hold them tied (or equal)
 TIED_IN_TRANSFORMERS = {
     "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
@@ -299,17 +301,29 @@ def _verify_processor(out: Path, backbone: Any, task: str, module_tokenizer: Any
                          "its processor would feed the model other tokens than the module")
 
 
+def _caption_settings(module: Any) -> dict[str, Any]:
+    """The module's beam search (`CAPTION_GENERATION_KEYS`; lengths count the prompt, as the module's do)."""
+    return {"num_beams": int(module.num_beams), "min_length": int(module.min_generated_length),
+            "max_length": int(module.max_generated_length), "repetition_penalty": float(module.repetition_penalty),
+            "do_sample": False}
+
+
 def _caption_generation_config(module: Any, config: Any) -> Any:
-    """The module's beam search as the folder's generation defaults (lengths count the prompt, as ours do)."""
+    """The module's beam search as the folder's generation_config.json, with BLIP's token ids."""
     from transformers import GenerationConfig
 
     text = config.text_config
-    return GenerationConfig(
-        num_beams=int(getattr(module, "num_beams", 3)), min_length=int(getattr(module, "min_generated_length", 5)),
-        max_length=int(getattr(module, "max_generated_length", 20)),
-        repetition_penalty=float(getattr(module, "repetition_penalty", 1.0)), do_sample=False,
-        bos_token_id=text.bos_token_id, eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id,
-    )
+    return GenerationConfig(**_caption_settings(module), bos_token_id=text.bos_token_id,
+                            eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id)
+
+
+def generation_settings(model: Any) -> dict[str, Any]:
+    """The exported beam search as `generate` keywords: `model.generate(**inputs, **generation_settings(model))`.
+
+    transformers' BlipForConditionalGeneration.generate hands its keywords to the text decoder, whose own
+    generation config is greedy, and passes the token ids itself: these settings must be given explicitly.
+    """
+    return {key: getattr(model.generation_config, key) for key in CAPTION_GENERATION_KEYS}
 
 
 def _blip_notes(task: str, backbone: Any) -> list[str]:
@@ -329,10 +343,10 @@ def _blip_notes(task: str, backbone: Any) -> list[str]:
                      "decodes freely")
     if task == "captioning":
         notes.append("captions equal the module's with its prompt as text (processor(images=image, text=prompt)) and "
-                     "the folder's generation_config (its beam search; lengths count the prompt) passed explicitly: "
-                     "transformers' BlipForConditionalGeneration.generate hands its arguments to the text decoder, "
-                     "whose own generation config is greedy, so pass generation_config=model.generation_config "
-                     "(a pipeline: generate_kwargs={'generation_config': model.generation_config})")
+                     "its beam search passed to generate explicitly (the values in generation_config.json; "
+                     "lengths count the prompt): transformers' BlipForConditionalGeneration.generate hands its "
+                     "keywords to the text decoder, whose own generation config is greedy (a pipeline: "
+                     "generate_kwargs=the same keywords)")
     return notes
 
 
@@ -561,7 +575,7 @@ def _blip_usage(task: str, module: Any, architecture: str) -> str:
     if task == "captioning":
         prompt = getattr(module, "prompt", "")
         return head + f"inputs = processor(images=image, text={prompt!r}, return_tensors='pt')\n" \
-                      "ids = model.generate(**inputs, generation_config=model.generation_config)  # the module's beam search\n" \
+                      f"ids = model.generate(**inputs, {_caption_keywords(module)})  # the module's beam search\n" \
                       "caption = processor.decode(ids[0], skip_special_tokens=True)"
     if task == "vqa":
         return head + "inputs = processor(images=image, text=question, return_tensors='pt')  # [ENC] first\n" \
@@ -570,6 +584,10 @@ def _blip_usage(task: str, module: Any, architecture: str) -> str:
                   "itc = model(**inputs, use_itm_head=False).itm_score  # cosine similarity\n" \
                   "inputs['input_ids'][:, 0] = model.config.enc_token_id  # BLIP's ITM reads [ENC] first\n" \
                   "itm = model(**inputs).itm_score.softmax(-1)[:, 1]  # match probability"
+
+
+def _caption_keywords(module: Any) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in _caption_settings(module).items())
 
 
 def _family_usage(architecture: str) -> str:
