@@ -248,7 +248,8 @@ def run_demo(out: str | os.PathLike = "outputs/demo", cache_dir: str | os.PathLi
 
     t = time.perf_counter()
     prompt = inspect.signature(FAMILY.task_classes["captioning"]).parameters["prompt"].default  # the module's
-    handoff = caption_with_pipeline(export_dir, world, prompt, out / "results" / "captioning_pruned" / "test_captions.json")
+    module_captions = out / "results" / "captioning_pruned" / "test_captions.json"
+    handoff = caption_with_pipeline(export_dir, world, prompt, module_captions)
     timings["transformers_pipeline"] = round(time.perf_counter() - t, 1)
 
     chance, blind = chance_and_blind(world, settings.seed)

@@ -145,8 +145,7 @@ def test_vqa_export_answers_as_the_module(exports):
     our_ids = module.tokenizer(questions, return_tensors="pt", padding="longest")
     with torch.no_grad():
         states = module.encode_question(images, our_ids.input_ids, our_ids.attention_mask)
-        hf_states = model.text_encoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                                       encoder_hidden_states=model.vision_model(images).last_hidden_state).last_hidden_state
+        hf_states = _question_states(model, enc, images)
         torch.testing.assert_close(hf_states, states, atol=ATOL, rtol=0)
         settings = dict(num_beams=1, max_length=6, eos_token_id=module.sep_token_id, pad_token_id=module.pad_token_id)
         start = torch.full((4, 1), module.dec_token_id)
@@ -161,14 +160,20 @@ def test_vqa_export_answers_as_the_module(exports):
     assert answers == _rank_with(model, enc, images, module)
 
 
+def _question_states(model, enc, images):
+    """transformers' VQA question encoding (its text encoder attending to its image tokens)."""
+    image_states = model.vision_model(images).last_hidden_state
+    return model.text_encoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                              encoder_hidden_states=image_states).last_hidden_state
+
+
 def _rank_with(model, enc, images, module):
     """The module's ranking rule (full answer log-likelihood over the list) computed with transformers' modules."""
     tokens = module.tokenizer(ANSWERS, padding="longest", return_tensors="pt")
     answer_ids = module.decoder_ids(tokens.input_ids)
     chosen = []
     with torch.no_grad():
-        states = model.text_encoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                                    encoder_hidden_states=model.vision_model(images).last_hidden_state).last_hidden_state
+        states = _question_states(model, enc, images)
         for q in range(images.size(0)):
             logits = model.text_decoder(
                 input_ids=answer_ids, attention_mask=tokens.attention_mask,
@@ -273,7 +278,8 @@ def test_a_lightning_checkpoint_exports_from_the_command_line_with_its_callback_
     images, _ = make_images(3, seed=2)
     prompt = processor(text=[module.prompt] * 3, return_tensors="pt")
     ids = model.generate(pixel_values=images, **prompt, **generation_settings(model))
-    captions = [c.strip() for c in processor.batch_decode(ids[:, prompt.input_ids.size(1) - 1:], skip_special_tokens=True)]
+    generated = ids[:, prompt.input_ids.size(1) - 1:]  # after the prompt (generate drops its [SEP])
+    captions = [c.strip() for c in processor.batch_decode(generated, skip_special_tokens=True)]
     assert captions == module.eval().generate(images)
     assert PruningResult.load(tmp_path / "out" / "masks.safetensors").method == "multiflow"
 

@@ -98,8 +98,9 @@ def export_transformers(
 
     Args:
         source: a BLIP task module (`RetrievalModule`, `CaptioningModule`, `VQAModule`), a Lightning
-            checkpoint of one (its class read from the hyperparameters, or `task=`), or a transformers model (CLIP, SigLIP, BLIP-2, LLaVA...: bare, held by a module
-            as `model`, or a `save_pretrained` folder of one).
+            checkpoint of one (its class read from the hyperparameters, or `task=`), or a transformers
+            model (CLIP, SigLIP, BLIP-2, LLaVA...: bare, held by a module as `model`, or a
+            `save_pretrained` folder of one).
         masks: a PruningResult, a mask file, a name -> bool mask dict, or None: a checkpoint's
             MultiFlowCallback state, or the callback of the trainer the module is attached to.
             Every masked weight must already be exactly zero: a module whose masks and weights disagree
@@ -126,8 +127,9 @@ def export_transformers(
     if masks is None:
         masks = checkpoint_masks if checkpoint_masks is not None else _trainer_masks(source)
     if masks is None:
-        raise ValueError("no masks: pass masks= (a PruningResult, a mask file or a name -> bool mask dict), export a "
-                         "Lightning checkpoint with MultiFlowCallback state, or a module attached to a trainer with one")
+        raise ValueError("no masks: pass masks= (a PruningResult, a mask file or a name -> bool mask dict), export "
+                         "a Lightning checkpoint with MultiFlowCallback state, or a module attached to a trainer "
+                         "with one")
     hf_model = _transformers_model(source)
     temporary = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
     temporary.mkdir(parents=True)
@@ -199,7 +201,8 @@ def _export_blip(module: Any, out: Path, masks: MaskSource, provenance: Mapping[
         architecture=architecture, task=task, result=result, digest=digest, groups=groups,
         base=base_checkpoint or _base_checkpoint(module), metrics=_metrics(module, metrics), notes=notes,
         left_out=left_out, usage=_blip_usage(task, module, architecture),
-        extra={"ITC temperature (not in transformers' class)": f"{backbone.temp.item():.6g}"} if task == "retrieval" else {},
+        extra={"ITC temperature (not in transformers' class)": f"{backbone.temp.item():.6g}"}
+        if task == "retrieval" else {},
     )
     (out / CARD_NAME).write_text(card)
     return TransformersExport(directory=out, architecture=architecture, task=task, masks_file=out / MASKS_NAME,
@@ -429,7 +432,8 @@ def load_transformers_folder(path: Path) -> Any:
 
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"folder {str(path)!r} has no config.json (a transformers save_pretrained folder has one)")
+        raise FileNotFoundError(f"folder {str(path)!r} has no config.json (a transformers save_pretrained folder "
+                                "has one)")
     architectures = json.loads(config_file.read_text()).get("architectures") or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
@@ -534,7 +538,8 @@ def _metrics(module: Any, metrics: Mapping[str, float] | None) -> dict[str, floa
 
 
 def _card(*, architecture: str, task: str | None, result: Any, digest: str, groups: Mapping[str, float], base: str,
-          metrics: Mapping[str, float], notes: list[str], left_out: list[str], usage: str, extra: Mapping[str, str]) -> str:
+          metrics: Mapping[str, float], notes: list[str], left_out: list[str], usage: str,
+          extra: Mapping[str, str]) -> str:
     """README.md: YAML front matter (library, tags) and what was pruned, how, on what, and how to use it."""
     tag = PIPELINE_TAGS.get(task or "", "")
     front = ["---", "library_name: transformers", "tags:", "- pruning", "- multiflow", "- sparse", "- mflightning"]
@@ -544,7 +549,8 @@ def _card(*, architecture: str, task: str | None, result: Any, digest: str, grou
     calibration = json.dumps(result.calibration, sort_keys=True) if result.calibration else "unknown"
     rows = [
         ("class", f"`{architecture}`"), ("task", task or "as the base model"), ("base checkpoint", base),
-        ("pruning method", f"{result.method} (target sparsity {result.target_sparsity:g}, allocation {result.allocation}"
+        ("pruning method", f"{result.method} (target sparsity {result.target_sparsity:g}, "
+                           f"allocation {result.allocation}"
                            + (f", pattern {result.pattern}" if result.pattern else "") + ")"),
         ("sparsity per group (masked weights, exact zeros here)",
          ", ".join(f"{g}: {s:.2%}" for g, s in groups.items())),
@@ -570,7 +576,8 @@ def _card(*, architecture: str, task: str | None, result: Any, digest: str, grou
 
 
 def _blip_usage(task: str, module: Any, architecture: str) -> str:
-    head = f"from transformers import BlipProcessor, {architecture}\n\nprocessor = BlipProcessor.from_pretrained(folder)\n" \
+    head = f"from transformers import BlipProcessor, {architecture}\n\n" \
+           "processor = BlipProcessor.from_pretrained(folder)\n" \
            f"model = {architecture}.from_pretrained(folder).eval()\n"
     if task == "captioning":
         prompt = getattr(module, "prompt", "")
