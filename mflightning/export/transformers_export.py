@@ -215,9 +215,7 @@ def _hf_config(config: Any, architecture: str) -> Any:
     `enc_token_id` stays (data only: the [ENC] id BLIP puts first in image-grounded texts).
     """
     config = copy.deepcopy(config)
-    if getattr(config, "tie_decoder", False):
-        config.tie_decoder = False  # the export holds separate (equal) copies, as transformers' classes do
-    if hasattr(config, "tie_decoder"):
+    if hasattr(config, "tie_decoder"):  # a tied decoder is written as separate equal copies, transformers' layout
         del config.tie_decoder
     if not getattr(config.text_config, "is_decoder", False):
         raise ValueError("the backbone's text config has is_decoder=False: transformers' BLIP text layers would "
