@@ -253,6 +253,9 @@ def test_differences_transformers_cannot_express_are_errors(tmp_path, vocab):
     head.decoder.weight = nn.Parameter(head.decoder.weight.detach() + 0.5)  # no longer the word embeddings
     with pytest.raises(ValueError, match="cls.predictions.decoder.weight differs.*ties"):
         export_transformers(module, tmp_path / "a", masks=result)
+    module.length_normalisation = "sequence"  # transformers 4.31's beam scores: transformers 5 cannot run them
+    with pytest.raises(ValueError, match="length_normalisation='sequence'"):
+        export_transformers(module, tmp_path / "d", masks=result)
     xvlm = XVLM.module("retrieval", build_tokenizer(vocab))
     with pytest.raises(ValueError, match="XVLMBackbone has no transformers class"):
         export_transformers(xvlm, tmp_path / "b", masks={})

@@ -170,6 +170,13 @@ def _export_blip(module: Any, out: Path, masks: MaskSource, provenance: Mapping[
     if task not in BLIP_CLASSES:
         raise ValueError(f"task {task!r}: pass task= one of {sorted(BLIP_CLASSES)}")
     architecture = BLIP_CLASSES[task]
+    if task == "captioning" and getattr(module, "length_normalisation", "generated") != "generated":
+        raise ValueError(
+            f"the captioning module scores beams with length_normalisation={module.length_normalisation!r} "
+            "(transformers 4.31's, the authors'): transformers 5's generate divides by the generated tokens, so the "
+            "exported model would caption differently; set module.length_normalisation = 'generated' (and "
+            "re-evaluate) to export it"
+        )
     src = read_source(backbone, _backbone_masks(masks), partial=True)
     state = dict(backbone.state_dict())
     for name, mask in src.masks.items():
@@ -330,6 +337,10 @@ def generation_settings(model: Any) -> dict[str, Any]:
 def _blip_notes(task: str, backbone: Any) -> list[str]:
     """What holds only with the right inputs (written into the card and the summary)."""
     notes = []
+    drop_path = float(getattr(backbone.config.vision_config, "drop_path_rate", 0.0) or 0.0)
+    if drop_path:
+        notes.append(f"the ViT's stochastic depth (drop_path_rate={drop_path:g}) is a training setting transformers' "
+                     "BlipVisionModel lacks: inference is the same, further training there runs without it")
     if task == "retrieval":
         notes.append(f"ITM: BLIP's grounded encoder reads [ENC] (id {backbone.enc_token_id}) first: set "
                      "input_ids[:, 0] to config.enc_token_id for use_itm_head=True; ITC (use_itm_head=False) "
