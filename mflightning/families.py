@@ -232,7 +232,7 @@ def full_view(datamodule_class: type) -> type:
     """
 
     class FullView(datamodule_class):
-        def train_transform(self):
+        def train_transform(self, hflip: bool | None = None):  # whole images: no crop, hence no flip either
             return build_test_transform(self.image_size)
 
     FullView.__name__ = FullView.__qualname__ = f"FullView{datamodule_class.__name__}"
