@@ -17,6 +17,7 @@ model, its pretraining cache and the task modules come from the "blip" family of
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shutil
@@ -52,15 +53,18 @@ FAMILY = get_family("blip")  # the demo's backbone
 
 
 # The demo is one cell of the quality benchmark (`mflightning.bench.quality`, world seed 0): its world,
-# its small BLIP (ViT 2x64 on 32 px, patch 8; text 2x64), calibration and BLIP fine-tuning budgets, dense
-# and MultiFlow at 75%, fine-tuning seed 0. Two differences, both for VQA, the task nearest its
-# image-blind prior: a test split of 200 images (600 questions; the benchmark's 60 images let a handful
-# of questions decide one seed's margin), and 90 pretraining epochs instead of 60. Over fine-tuning
-# seeds 0-2 the pruned model's VQA margin over the prior was +6.2 points (50.2-51.9 %) after 60 epochs,
-# +7.0 (51.3-52.1 %) after 90; 90 epochs cost about a minute more of the 5-minute first run.
+# its small BLIP (ViT 2x64 on 32 px, patch 8; text 2x64) pretrained 60 epochs, calibration and BLIP
+# fine-tuning budgets, dense and MultiFlow at 75%, fine-tuning seed 0. One difference, for VQA, the task
+# nearest its image-blind prior: a test split of 200 images (600 questions; the benchmark's 60 images let
+# a handful of questions decide one seed's margin). Over fine-tuning seeds 0-2 (one thread) the pruned
+# model's VQA margin over the prior was +6.2 points (50.2-51.9 %) after 60 pretraining epochs, +7.0 after 90,
+# which cost a minute more of a first run that should stay within 4 minutes.
 BENCHMARK = QualitySettings()
 DEMO_SIZES = replace(BENCHMARK.sizes, vqa_test=200)
-DEMO_PRETRAIN_EPOCHS = 90
+DEMO_PRETRAIN_EPOCHS = 60
+# Every computation on one thread: two threads gave other weights from run to run (pretraining differed by
+# 0.05 after 90 epochs, and the table with it); one thread gives the same table on every run.
+DEMO_THREADS = 1
 
 
 @dataclass
@@ -105,16 +109,37 @@ class TaskRun:
 
 
 def finetune_and_test(task: str, variant: str, backbone, vocab: str, world, settings: DemoSettings,
-                      masks, out: Path, progress: bool = True) -> TaskRun:
-    """Fine-tune a copy of `backbone` on `task` (sparse when `masks` is given) and evaluate on the test split."""
+                      masks, out: Path, progress: bool = True, export_dir: Path | None = None,
+                      base_checkpoint: str | None = None) -> TaskRun:
+    """Fine-tune a copy of `backbone` on `task` (sparse when `masks` is given) and evaluate on the test split;
+    `export_dir`: write the fine-tuned module there as a transformers model."""
     started = time.perf_counter()
     budget = settings.tasks[task]
     print(f"\n[demo] fine-tuning the {variant} model on {task} ({budget.epochs} epochs)", flush=True)
     metrics, sparsity = finetune_task(FAMILY, task, backbone, vocab, world, budget, seed=settings.seed,
                                       k_test=settings.k_test, image_size=settings.pretrain.image_size, masks=masks,
                                       output_dir=out / "results" / f"{task}_{variant}", root_dir=out / "lightning",
-                                      accelerator="cpu", progress=progress)
+                                      accelerator="cpu", progress=progress, export_dir=export_dir,
+                                      base_checkpoint=base_checkpoint)
     return TaskRun(task, variant, metrics, sparsity, round(time.perf_counter() - started, 1))
+
+
+def caption_with_pipeline(model_dir: Path, world, prompt: str, module_captions: Path) -> dict[str, Any]:
+    """Caption the first test image of the world with a transformers pipeline on the exported folder (the hand-off),
+    beside the caption the fine-tuned module gave it (`module_captions`: its test results JSON)."""
+    from PIL import Image
+    from transformers import pipeline
+
+    from mflightning.export.transformers_export import generation_settings
+
+    record = json.loads(Path(world.caption_test).read_text())[0]
+    image_path = Path(world.image_root) / record["image"]
+    pipe = pipeline("image-text-to-text", model=str(model_dir))
+    with Image.open(image_path) as image:
+        output = pipe(images=image.convert("RGB"), text=prompt, generate_kwargs=generation_settings(pipe.model))
+    caption = output[0]["generated_text"][len(output[0]["input_text"]):].strip()
+    ours = {str(r["image_id"]): r["caption"] for r in json.loads(module_captions.read_text())}.get(image_path.stem)
+    return {"image": str(image_path), "caption": caption, "module_caption": ours, "reference": record["caption"][0]}
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -209,13 +234,23 @@ def run_demo(out: str | os.PathLike = "outputs/demo", cache_dir: str | os.PathLi
           + ", ".join(f"{g} {s:.2%}" for g, s in result.group_sparsity().items()), flush=True)
 
     runs: list[TaskRun] = []
+    export_dir = out / "transformers_captioning"  # the pruned captioning model, for transformers
+    shutil.rmtree(export_dir, ignore_errors=True)
     for task in TASKS:
         for variant in ("dense", "pruned"):
+            exported = task == "captioning" and variant == "pruned"
             run = finetune_and_test(task, variant, backbone, vocab, world, settings,
-                                    result if variant == "pruned" else None, out, progress)
+                                    result if variant == "pruned" else None, out, progress,
+                                    export_dir=export_dir if exported else None, base_checkpoint=str(model_dir))
             runs.append(run)
             timings[f"{task}_{variant}"] = run.seconds
             print(f"[demo] {task} {variant}: " + ", ".join(f"{k} {v:.2f}" for k, v in run.metrics.items()), flush=True)
+
+    t = time.perf_counter()
+    prompt = inspect.signature(FAMILY.task_classes["captioning"]).parameters["prompt"].default  # the module's
+    module_captions = out / "results" / "captioning_pruned" / "test_captions.json"
+    handoff = caption_with_pipeline(export_dir, world, prompt, module_captions)
+    timings["transformers_pipeline"] = round(time.perf_counter() - t, 1)
 
     chance, blind = chance_and_blind(world, settings.seed)
     rows = results_table(runs, chance, blind)
@@ -234,13 +269,20 @@ def run_demo(out: str | os.PathLike = "outputs/demo", cache_dir: str | os.PathLi
         "settings": asdict(settings),
         "pretrained_model": str(model_dir),
         "files": {"masks": str(masks_path), "scores": str(out / "scores.safetensors"),
-                  "plot": str(plot_path), "report": str(out / "pruning_report.txt")},
+                  "plot": str(plot_path), "report": str(out / "pruning_report.txt"),
+                  "transformers_captioning": str(export_dir)},
+        "transformers_pipeline": handoff,
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     print("\n" + table)
     print(f"\n{CHANCE_DEFINITION}")
     print(f"pruned once with MultiFlow ({result.sparsity:.2%} of prunable weights); the same masks served all tasks")
     print(f"wrote {masks_path}, {out / 'metrics.json'}, {plot_path}")
+    print(f"exported the pruned captioning model for transformers: {export_dir} (BlipForConditionalGeneration, "
+          "BlipProcessor, model card, masks)")
+    print(f"transformers pipeline('image-text-to-text') on {handoff['image']}: {handoff['caption']!r} "
+          f"({'the same as' if handoff['caption'] == handoff['module_caption'] else 'NOT'} the module's caption; "
+          f"a reference: {handoff['reference']!r})")
     print("seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()))
     return summary
 
@@ -256,11 +298,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cache-dir", default="outputs/cache", help="where the world and the pretrained model are kept")
     parser.add_argument("--small", action="store_true", help="reduced sizes (seconds; plumbing check, not quality)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads (default: the cores not busy with other processes, at least 1)")
+    parser.add_argument("--threads", type=int, default=DEMO_THREADS,
+                        help="torch threads for pruning and fine-tuning (default 1: the same table on every run; "
+                             "more threads reorder sums, so tables may differ); pretraining always runs on one")
     args = parser.parse_args(argv)
     quiet_libraries()
-    threads = args.threads or free_cores()
+    threads = args.threads if args.threads > 0 else free_cores()
     torch.set_num_threads(threads)
     print(f"[demo] {threads} torch thread(s) ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})", flush=True)
     settings = DemoSettings.small() if args.small else DemoSettings()

@@ -232,7 +232,7 @@ def full_view(datamodule_class: type) -> type:
     """
 
     class FullView(datamodule_class):
-        def train_transform(self):
+        def train_transform(self, hflip: bool | None = None):  # whole images: no crop, hence no flip either
             return build_test_transform(self.image_size)
 
     FullView.__name__ = FullView.__qualname__ = f"FullView{datamodule_class.__name__}"
@@ -273,9 +273,12 @@ def calibration_loader(world, vocab: str, *, image_size: int, batch_size: int, m
 def finetune_task(family: BackboneFamily, task: str, backbone: nn.Module, vocab: str, world, budget: TaskSettings, *,
                   seed: int, k_test: int, image_size: int, masks, output_dir: str | os.PathLike,
                   root_dir: str | os.PathLike, num_workers: int = 0, accelerator: str = "auto",
-                  progress: bool = False) -> tuple[dict[str, float], dict[str, float]]:
+                  progress: bool = False, export_dir: str | os.PathLike | None = None,
+                  base_checkpoint: str | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Seed, then fine-tune the family's `task` module around a copy of `backbone` on the world's `task`
-    data with `budget` and test it (`fit_and_test`): the one run the demo and the benchmark both make."""
+    data with `budget` and test it (`fit_and_test`): the one run the demo and the benchmark both make.
+    `export_dir`: also write the fine-tuned module there as a transformers model (`export_transformers`; its
+    model card names `base_checkpoint`)."""
     import lightning as L
 
     L.seed_everything(seed, workers=True, verbose=False)
@@ -283,8 +286,13 @@ def finetune_task(family: BackboneFamily, task: str, backbone: nn.Module, vocab:
     module.output_dir = str(output_dir)
     data = task_datamodule(task, world, image_size=image_size, batch_size=budget.batch_size, seed=seed,
                            num_workers=num_workers)
-    return fit_and_test(module, data, masks=masks, epochs=budget.epochs, root_dir=root_dir, accelerator=accelerator,
-                        progress=progress)
+    results = fit_and_test(module, data, masks=masks, epochs=budget.epochs, root_dir=root_dir,
+                           accelerator=accelerator, progress=progress)
+    if export_dir is not None:
+        from mflightning.export import export_transformers
+
+        export_transformers(module.cpu().eval(), export_dir, masks=masks, base_checkpoint=base_checkpoint)
+    return results
 
 
 def fit_and_test(module, datamodule, *, masks, epochs: int, root_dir: str | os.PathLike, accelerator: str = "auto",

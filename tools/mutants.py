@@ -275,6 +275,19 @@ MUTANTS: tuple[Mutant, ...] = (
            tests=("tests/pruning/test_degenerate.py",)),
     Mutant("checksum-unchecked", "mflightning/pruning/checksum.py", "    if actual != stored:", "    if False:",
            "a corrupted mask file loads", tests=("tests/pruning/test_checksum.py",)),
+    # ---------------------------------------------------------------- transformers export (issue 26)
+    Mutant("export-config-format-unchecked", "mflightning/export/writer.py",
+           '    if sparsity["format"] not in FORMATS:', "    if False:",
+           "a compressed export's config.json names code compressed-tensors imports and calls",
+           tests=("tests/test_export_transformers.py",)),
+    Mutant("export-untied-lm-head", "mflightning/export/transformers_export.py",
+           "        if alias in own and not torch.equal(state[alias], state[target]):", "        if False:",
+           "a BLIP LM head transformers re-ties to the word embeddings is exported as another model",
+           tests=("tests/test_export_transformers.py",)),
+    Mutant("export-vqa-cls-first", "mflightning/export/transformers_export.py",
+           "    tokenizer.cls_token = tokenizer.convert_ids_to_tokens(backbone.enc_token_id)", "    pass",
+           "the exported VQA processor starts questions with [CLS], not BLIP's [ENC]",
+           tests=("tests/test_export_transformers.py",)),
 )
 
 

@@ -40,7 +40,7 @@ USAGE = f"""usage: mflightning {{{','.join(OWN_SUBCOMMANDS + LIGHTNING_SUBCOMMAN
   test      evaluate on the test split (LightningCLI)
   predict   run prediction (LightningCLI)
   check     parse and type-check a recipe without data or weights (--strict: require its input paths)
-  export    write a pruned checkpoint in compressed-tensors' sparse layouts (mflightning export --help)
+  export    write a pruned checkpoint in compressed-tensors' sparse layouts or as a transformers model (--help)
 
 Overrides are dotted keys, e.g. --pruning.sparsity 0.9 --data.batch_size 16 --trainer.max_epochs 1;
 --print_config prints the resolved recipe and exits.

@@ -1,6 +1,7 @@
 """`python -m mflightning.export`: a pruned checkpoint in a compressed-tensors sparse layout, or the size bench.
 
     python -m mflightning.export CHECKPOINT --masks masks.safetensors --output_dir out/ [--format auto] [--dtype bf16]
+    python -m mflightning.export last.ckpt --output_dir out/ --format transformers [--task captioning]
     python -m mflightning.export last.ckpt --output_dir out/          # masks from the checkpoint's MultiFlowCallback
     python -m mflightning.export --bench [--layers 12] [--workdir DIR] [--markdown sizes.md]
 
@@ -13,21 +14,28 @@ import sys
 
 from .layouts import AUTO, FORMATS
 
+TRANSFORMERS = "transformers"
+
 
 def export_parser(prog: str = "mflightning export") -> argparse.ArgumentParser:
     """Arguments of the export command (and of `--bench`)."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Write a pruned model in the compressed-tensors sparse layouts "
-                    "(sparse-bitmask, sparse-24-bitmask).",
+                    "(sparse-bitmask, sparse-24-bitmask), or as a transformers model folder (--format transformers).",
     )
     parser.add_argument("source", nargs="?", help="Lightning checkpoint (.ckpt), torch or safetensors state dict, "
                                                   "or a save_pretrained folder")
     parser.add_argument("--masks", help="mask file (mflightning prune's masks.safetensors); default: the masks "
                                         "of the checkpoint's MultiFlowCallback state")
     parser.add_argument("--output_dir", help="folder for model.safetensors and config.json")
-    parser.add_argument("--format", default=AUTO, choices=(*FORMATS, AUTO),
-                        help="auto: sparse-24-bitmask when every masked layer is 2:4, else sparse-bitmask")
+    parser.add_argument("--format", default=AUTO, choices=(*FORMATS, AUTO, TRANSFORMERS),
+                        help="auto: sparse-24-bitmask when every masked layer is 2:4, else sparse-bitmask; "
+                             "transformers: a BLIP task checkpoint as the Blip* class of its task, or a transformers "
+                             "model's save_pretrained folder (dense weights, pruned ones zero), with model card and "
+                             "mask file")
+    parser.add_argument("--task", default=None, choices=("retrieval", "captioning", "vqa"),
+                        help="--format transformers: the checkpoint's task (default: read from its hyperparameters)")
     parser.add_argument("--dtype", default=None, help="cast floating-point tensors: bf16, fp16 or fp32 (default: keep)")
     parser.add_argument("--prefix", default=None,
                         help="what the checkpoint puts in front of the mask names (default: found)")
@@ -48,6 +56,15 @@ def run_export(argv: list[str] | None = None, prog: str = "mflightning export"):
         return _run_bench(args)
     if not args.source or not args.output_dir:
         parser.error("an export needs SOURCE and --output_dir (or --bench)")
+    if args.format == TRANSFORMERS:
+        if args.dtype or args.prefix:
+            parser.error("--dtype and --prefix apply to the compressed formats only")
+        from .transformers_export import export_transformers
+
+        export = export_transformers(args.source, args.output_dir, masks=args.masks, task=args.task,
+                                     weights_only=not args.unsafe_load)
+        print(export.summary())
+        return export
     from .writer import export_compressed
 
     try:

@@ -241,6 +241,11 @@ def read_sparsity_config(directory: str | os.PathLike):
     sparsity = (config.get(QUANTIZATION_CONFIG_NAME) or {}).get(SPARSITY_CONFIG_NAME) or {}
     if not sparsity.get("format"):
         raise ValueError(f"{str(file)!r} has no {QUANTIZATION_CONFIG_NAME}.{SPARSITY_CONFIG_NAME}.format")
+    if sparsity["format"] not in FORMATS:
+        # checked before compressed-tensors sees it: its registry imports "module:name" strings, so a config's
+        # format would otherwise choose code to import and call; here it is data, matched against two names
+        raise ValueError(f"{str(file)!r}: sparsity format {sparsity['format']!r} is not one of {', '.join(FORMATS)}; "
+                         "nothing named in a config is imported or run")
     try:
         return SparsityCompressionConfig.load_from_registry(sparsity["format"], **sparsity)
     except Exception as err:  # the registry raises KeyError/ValueError for an unknown name
