@@ -71,7 +71,7 @@ def prune(
 
     What to prune is a `PruningConfig` (`config`, and/or its fields as keywords: `sparsity`,
     `method`, `allocation`, `invert`, `modalities`, `exclude`, `image_groups`,
-    `prune_tied_embeddings`, `num_batches`, `seed`, `rounds`). `allocation=None` uses the method's
+    `prune_tied_embeddings`, `shared_weight_inputs`, `num_batches`, `seed`, `rounds`). `allocation=None` uses the method's
     own rule: `modality` (Eq. 7-8) for multiflow, `row` for wanda, `global` for the others. Set it
     to run the paper's ablations (`magnitude`: ratios from one magnitude pool, "w/o
     multimodality"; `global`: one score threshold, "w/o distribution").
@@ -110,7 +110,7 @@ def prune(
         model, preset if config.modalities is None else config.modalities, config.exclude + copy_exclusions(model),
         image_groups=config.image_groups, prune_tied_embeddings=config.prune_tied_embeddings,
     )
-    targets = find_targets(model, group_spec)
+    targets = find_targets(model, group_spec, shared_weight_inputs=config.shared_weight_inputs)
     groups = {name: t.group for name, t in targets.items()}
     # the preset travels with the masks so a task module can apply its `inherit` rules later
     if spec.data_driven and calibration is None:

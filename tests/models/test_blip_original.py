@@ -142,7 +142,9 @@ def test_pretraining_checkpoint_matches_transformers_blip(pretraining, tie):
     # The file's decoder is tied to the encoder: None keeps that layout.
     assert model.decoder_tied == (tie is not False)
     if model.decoder_tied:
-        assert model.text_decoder.bert.encoder.layer[1].crossattention is model.text_encoder.encoder.layer[1].crossattention
+        dec, enc = model.text_decoder.bert.encoder.layer[1], model.text_encoder.encoder.layer[1]
+        assert dec.crossattention.self.query.weight is enc.crossattention.self.query.weight
+        assert dec.output.LayerNorm.bias is enc.output.LayerNorm.bias
     image, ids, att = inputs()
     with torch.no_grad():
         image_embeds = model.encode_image(image)
