@@ -454,3 +454,24 @@ def test_a_checkpoint_spec_dict_loads_the_file_at_the_task_resolution(pretrainin
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match=r"unknown keys \['strict'\] in the BLIP checkpoint spec"):
         BlipBackbone.from_spec({"checkpoint": str(path), "strict": False}, _Tokenizer())
+
+
+# ----------------------------------------------------------------------------- files the MULTIFLOW code writes
+@pytest.mark.parametrize("kind", ["pretraining", "vqa"])
+def test_multiflow_code_files_keep_the_lm_head_bias_only_as_decoder_bias(tmp_path, kind):
+    """The MULTIFLOW code's med.py saves the LM-head bias only as cls.predictions.decoder.bias: it loads."""
+    refs = reference_models(config(), seed=40, tied=kind == "pretraining")
+    state = original_state(kind, *refs)
+    bias = state.pop("text_decoder.cls.predictions.bias")
+    assert torch.equal(state["text_decoder.cls.predictions.decoder.bias"], bias) and bias.abs().sum() > 0
+    allow = ("vision_proj", "text_proj", "itm_head") if kind == "vqa" else ()
+    model = BlipBackbone.from_pretrained(write(tmp_path / f"{kind}.pth", state), config=config(), allow_missing=allow)
+    head = model.text_decoder.cls.predictions
+    assert torch.equal(head.bias, bias) and head.decoder.bias is head.bias
+    # the upstream BLIP layout (both names) loads the same; two different values are an error naming them
+    state["text_decoder.cls.predictions.bias"] = bias
+    again = BlipBackbone.from_pretrained(write(tmp_path / "both.pth", state), config=config(), allow_missing=allow)
+    assert torch.equal(again.text_decoder.cls.predictions.bias, bias)
+    state["text_decoder.cls.predictions.bias"] = bias + 1
+    with pytest.raises(ValueError, match=r"conflict\.pth.*two names of one tied tensor.*cls\.predictions\.decoder\.bias"):
+        BlipBackbone.from_pretrained(write(tmp_path / "conflict.pth", state), config=config(), allow_missing=allow)
