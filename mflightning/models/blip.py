@@ -121,6 +121,7 @@ class BlipBackbone(nn.Module):
     """
 
     pruning_preset = PRESET_NAME
+    pruning_loss_terms = ("itc", "itm", "lm")  # the MULTIFLOW code's SNIP loss: BLIP pretraining's three
     match_reads_text_states = False  # ITM re-encodes the text with cross-attention: no states to gather
 
     def __init__(

@@ -103,6 +103,8 @@ class XVLMBackbone(nn.Module):
     """
 
     pruning_preset = PRESET_NAME
+    # the MULTIFLOW code's SNIP loss (XVLM pretraining's ITC + ITM + MLM; caption_lm and the decoder's lm are not in it)
+    pruning_loss_terms = ("itc", "itm", "mlm")
     enc_token_id: int | None = None  # [CLS] starts grounded texts, answers and captions alike
     dec_token_id: int | None = None
 
