@@ -88,3 +88,25 @@ def test_blip_and_xvlm_text_formats(tiny_world, two_sources):
     assert ids[0].tolist() == [cls, *pieces[:39]] and att[0].sum() == 40 and att[1].sum() == 2
     ids, att = tokenize(tokenizer, [long], 30)
     assert ids[0].tolist() == [cls, *pieces[:28], sep]
+
+
+@pytest.mark.parametrize("method", ["multiflow", "snip"])
+def test_the_prune_command_path_runs_paired_steps_on_a_tied_blip(tiny_world, two_sources, method):
+    """A pruning recipe's path: the datamodule's paired steps, the module's calibration_step / pruning_loss."""
+    from mflightning.cli.prune import _pruning_target
+    from mflightning.pretrain import PretrainModule
+
+    tiny = {"text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                            "num_attention_heads": 2, "max_position_embeddings": 32},
+            "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                              "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
+            "image_text_hidden_size": 16}
+    torch.manual_seed(0)
+    module = PretrainModule(backbone=tiny, tokenizer=tiny_world.vocab, tie_decoder=True)
+    target, forward, loss = _pruning_target(module, "32-true", torch.device("cpu"))
+    loader = datamodule(tiny_world, two_sources[0]).calibration_dataloader()
+    # the fresh tiny ViT has layers whose weights tie at the threshold: left out, the text layers are what matter here
+    result = prune(target, sparsity=0.5, method=method, exclude=[r"^vision_model\."], calibration=loader,
+                   forward=forward, loss=loss)
+    assert result.calibration == {"num_batches": 2, "num_samples": 7}
+    assert result.sparsity >= 0.5 and "text_encoder.encoder.layer.0.crossattention.self.query.weight" in result.masks
