@@ -213,6 +213,14 @@ MUTANTS: tuple[Mutant, ...] = (
            "self.scores, sparsity, self.allocation, groups=self.groups, magnitudes=self.magnitudes",
            "self.scores, self.target_sparsity, self.allocation, groups=self.groups, magnitudes=self.magnitudes",
            ".at() re-thresholds at the old sparsity"),
+    Mutant("shared-weight-every-call", TG,
+           '(shared.modules if shared_weight_inputs == "every_module" else shared.shared_by).append(module)',
+           "shared.modules.append(module)",
+           "a weight shared by several modules (tied BLIP) accumulates the decoder's calls too",
+           tests=("tests/pruning/test_shared_weights.py",)),
+    Mutant("alias-bias-skipped", "mflightning/models/state.py", "            folded[first] = value",
+           "            pass", "an LM-head bias a file holds only as decoder.bias stays at its initial value",
+           tests=("tests/models/test_blip_original.py", "tests/models/test_xvlm_checkpoints.py", "-k", "multiflow_code")),
 )
 
 
