@@ -52,6 +52,7 @@ def test_each_step_pairs_one_batch_of_every_source(tiny_world, two_sources):
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(steps, again))
     # processes split the steps, not the rows of a step
     assert [b["segments"] for b in dm.calibration_dataloader(num_replicas=2, rank=1)] == [[2, 1]]
+    assert len(list(dm.train_dataloader())) == 4  # pretraining stays one shuffled list: 8 records, batch 2
     with pytest.raises(ValueError, match="at least two sources"):
         datamodule(tiny_world, files[:1]).calibration_dataloader()
 
