@@ -4,7 +4,7 @@ PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean-venv mutants
+.PHONY: demo test install clean-venv mutants gpu-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -30,3 +30,8 @@ clean-venv:
 # writes docs/mutants.md. About 15 minutes on 2 cores.
 mutants: $(STAMP)
 	$(VENV)/bin/python tools/mutants.py --jobs 2
+
+# The GPU claims in one run (python -m mflightning.bench gpu): about 7 minutes on one H100-class GPU, writes
+# outputs/bench/gpu.json and gpu.md; stops at once with the plan on a machine without CUDA.
+gpu-check: $(STAMP)
+	$(VENV)/bin/python -m mflightning.bench gpu

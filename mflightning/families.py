@@ -218,6 +218,8 @@ XVLM = register_family(BackboneFamily(
     name="xvlm", cache_prefix=f"xvlm-pretrained-v{XVLM_CACHE_VERSION}", small_config=xvlm_small_config,
     pretrain_class=XVLMPretrainModule, backbone_class=XVLMBackbone,
     task_classes={"retrieval": XVLMRetrievalModule, "captioning": XVLMCaptioningModule, "vqa": XVLMVQAModule},
+    # VQA keeps label smoothing 0.1 (XVLMVQAModule's default is now the authors' 0.0): the committed tables' setting
+    finetune_options={"vqa": {"label_smoothing": 0.1}},
 ))
 
 
@@ -253,6 +255,7 @@ def task_datamodule(task: str, world, *, image_size: int, batch_size: int, seed:
     if task == "vqa":
         return full_view(VQADataModule)(train_json=[world.vqa_train, world.vg_train], test_json=world.vqa_test,
                                         answer_list_json=world.answer_list, max_length=20, answer_max_length=6,
+                                        vg_answer_weight=None,  # weight 1 per VG answer: the committed tables' setting
                                         **common)
     raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}")
 

@@ -143,6 +143,8 @@ def test_family_options_reach_only_the_tasks_they_name(tmp_path):
     assert BLIP.finetune_options["vqa"] == {"weight_decay": 0.05, "warmup_steps": 10} and "captioning" not in \
         BLIP.finetune_options
     assert built["blip", "captioning"].hparams["warmup_steps"] == 0 and built["blip", "captioning"].meteor is False
+    # XVLM VQA keeps the committed runs' label smoothing 0.1 (the class default is the authors' 0.0)
+    assert built["xvlm", "vqa"].label_smoothing == 0.1 and built["blip", "vqa"].label_smoothing == 0.1
     vqa = BLIP.task_module("vqa", BLIP.small_config(size), str(vocab), lr=1e-3, k_test=4, warmup_steps=3)
     assert vqa.hparams["warmup_steps"] == 3 and vqa.hparams["weight_decay"] == 0.05
 

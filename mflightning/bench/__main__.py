@@ -10,10 +10,11 @@ BENCHMARKS = {
     "quality": "mflightning.bench.quality",
     "cost": "mflightning.bench.cost",
     "speed": "mflightning.bench.speed",
+    "gpu": "mflightning.bench.gpu",
 }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(prog="python -m mflightning.bench", description=__doc__)
     sub = parser.add_subparsers(dest="name", required=True)
     modules = {}
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
         modules[name] = module
         module.add_arguments(sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0]))
     args = parser.parse_args(argv)
-    modules[args.name].main(args)
+    return modules[args.name].main(args)
 
 
 if __name__ == "__main__":

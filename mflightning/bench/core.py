@@ -68,21 +68,43 @@ def tensor_bytes(*objects: Any) -> int:
 
 
 class StepTimer(L.Callback):
-    """Wall time of each training step (batch start to batch end, optimizer step included)."""
+    """Wall time of each training step (batch start to batch end, optimizer step included).
+
+    On a CUDA device it synchronises at both ends, so a step's time is its device time, and it
+    records the peak memory allocated over the timed steps."""
 
     def __init__(self, skip: int):
         self.skip = skip
         self.times: list[float] = []
         self.timing = False
         self._start = 0.0
+        self.cuda = False
+        self.peak_bytes: int | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.cuda = pl_module.device.type == "cuda"
         self.timing = trainer.global_step >= self.skip  # this step will be recorded
+        if self.cuda:
+            torch.cuda.synchronize()
+            if trainer.global_step == self.skip:
+                torch.cuda.reset_peak_memory_stats()
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
         if trainer.global_step > self.skip:
             self.times.append(time.perf_counter() - self._start)
+            self.peak_bytes = peak_memory_bytes(pl_module.device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory: CUDA's allocator high-water mark since its last reset, else this process's peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 class PruneWithModelPruningAtStart(L.Callback):
@@ -96,8 +118,10 @@ class PruneWithModelPruningAtStart(L.Callback):
         self.pruning.apply_pruning(self.amount)
 
 
-def time_training(shape_name: str, batch_size: int, steps: int, warmup: int, mode: str, sparsity: float) -> dict:
-    """Median step time for one configuration (dense, multiflow masks, or ModelPruning)."""
+def time_training(shape_name: str, batch_size: int, steps: int, warmup: int, mode: str, sparsity: float,
+                  accelerator: str = "cpu", precision: str = "32-true") -> dict:
+    """Median step time for one configuration (dense, multiflow masks, or ModelPruning), with the
+    count of pruned weights that are not exactly zero after the last step (multiflow: must be 0)."""
     from lightning.pytorch.callbacks import ModelPruning
 
     from mflightning import MultiFlowCallback
@@ -113,7 +137,7 @@ def time_training(shape_name: str, batch_size: int, steps: int, warmup: int, mod
     hook_seconds = [0.0]
     if mode == "multiflow":
         pruning = MultiFlowCallback(sparsity, calibration=batches[:2], modalities=BLIP_GROUPS, exclude=HEADS)
-        _time_calls(pruning, ("on_before_optimizer_step", "_after_step"), hook_seconds, timer)
+        _time_calls(pruning, ("on_before_optimizer_step", "_after_step"), hook_seconds, timer, sync=accelerator in ("gpu", "cuda"))
         callbacks.insert(0, pruning)
         holder["callback"] = pruning
     elif mode == "modelpruning":
@@ -126,16 +150,21 @@ def time_training(shape_name: str, batch_size: int, steps: int, warmup: int, mod
         )
         callbacks = [pruning, PruneWithModelPruningAtStart(pruning, sparsity), timer]
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps + warmup, logger=False, enable_checkpointing=False,
+        accelerator=accelerator, devices=1, precision=precision, max_steps=steps + warmup, logger=False,
+        enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     )
     trainer.fit(module, DataLoader(batches, batch_size=None))
     checkpoint_bytes = _checkpoint_size(trainer)
     prunable = sum(t.param.numel() for t in find_targets(module, resolve_modalities(module, BLIP_GROUPS, HEADS)).values()) \
         if mode != "modelpruning" else None
+    pruned_nonzero = None
     if mode == "multiflow":
         extra = tensor_bytes(module, holder["callback"].kept_masks) - tensor_bytes(module)
         prunable = sum(m.numel() for m in holder["callback"].kept_masks.values())
+        params = dict(module.named_parameters())
+        # counted on the device the weights live on (a GPU's tensors, not a copy)
+        pruned_nonzero = sum(int((params[n].detach()[~kept] != 0).sum()) for n, kept in holder["callback"].kept_masks.items())
     elif mode == "modelpruning":
         extra = tensor_bytes(module) - dense_bytes
         prunable = sum(b.numel() for n, b in module.named_buffers() if n.endswith("weight_mask"))
@@ -150,17 +179,24 @@ def time_training(shape_name: str, batch_size: int, steps: int, warmup: int, mod
         "extra_bytes_per_prunable_weight": extra / prunable if prunable else 0.0,
         "prunable_weights": prunable,
         "checkpoint_bytes": checkpoint_bytes,
+        "pruned_nonzero": pruned_nonzero,
+        "peak_memory_bytes": timer.peak_bytes,
     }
 
 
-def _time_calls(obj: Any, names: tuple[str, ...], total: list[float], timer: "StepTimer") -> None:
-    """Wrap `obj`'s methods so the seconds they take during timed steps add up in `total[0]`."""
+def _time_calls(obj: Any, names: tuple[str, ...], total: list[float], timer: "StepTimer", sync: bool = False) -> None:
+    """Wrap `obj`'s methods so the seconds they take during timed steps add up in `total[0]`
+    (`sync`: CUDA-synchronised at both ends, so the time is the device work the call launched)."""
     for name in names:
         method = getattr(obj, name)
 
         def timed(*args: Any, _method: Callable = method) -> Any:
+            if sync:
+                torch.cuda.synchronize()
             start = time.perf_counter()
             out = _method(*args)
+            if sync:
+                torch.cuda.synchronize()
             if timer.timing:
                 total[0] += time.perf_counter() - start
             return out

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .datasets import ImageTextCollate, ImageTextDataset, PairedCollate, PairedSteps
 from .tokenizer import build_tokenizer
-from .transforms import CALIBRATION_CROP_SCALE, TASK_CROP_SCALE, build_test_transform, build_train_transform
+from .cleaning import TextCleaning, text_cleaner
+from .transforms import CALIBRATION_CROP_SCALE, TASK_CROP_SCALE, Augment, build_test_transform, build_train_transform
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collate functions tokenize inside workers
 
@@ -130,7 +131,11 @@ class VLDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         max_length: text tokens per row (padded or truncated).
         skip_bad_records: drop malformed records with a warning instead of failing.
-        augment: RandAugment(2, 7) on training images.
+        augment: augmentation of training and calibration images: True or "torchvision" (torchvision's
+            RandAugment(2, 7)), "authors" (the MULTIFLOW authors' RandomAugment(2, 7): 10 ops, each applied
+            with probability 0.5, level 7 of 10), False (none).
+        text_cleaning: "blip" (``clean_text``) or "authors" (their ``pre_caption``/``pre_question`` with
+            their word caps per task; ``mflightning.data.cleaning``).
         hflip: random horizontal flips of training images.
         crop_scale: RandomResizedCrop scale range of training images.
         calibration: the records and batches of `calibration_dataloader()` (`calibration.json` None: none).
@@ -150,11 +155,12 @@ class VLDataModule(L.LightningDataModule):
         num_workers: int = 4,
         max_length: int = 35,
         skip_bad_records: bool = False,
-        augment: bool = True,
+        augment: Augment = True,
         hflip: bool = True,
         crop_scale: tuple[float, float] = TASK_CROP_SCALE,
         calibration: CalibrationConfig = CalibrationConfig(),
         seed: int = 0,
+        text_cleaning: TextCleaning = "blip",
     ):
         super().__init__()
         check_positive(image_size=image_size, batch_size=batch_size, max_length=max_length)
@@ -171,6 +177,8 @@ class VLDataModule(L.LightningDataModule):
         self.max_length = max_length
         self.skip_bad_records = skip_bad_records
         self.augment = augment
+        self.text_cleaning = text_cleaning
+        text_cleaner(text_cleaning, "calibration")  # an unknown style fails here, not at the first dataset
         self.hflip = hflip
         self.crop_scale = check_crop_scale(crop_scale, "crop_scale")
         self.calibration = calibration
@@ -186,9 +194,15 @@ class VLDataModule(L.LightningDataModule):
             self._tokenizer = build_tokenizer(self.tokenizer_name)
         return self._tokenizer
 
-    def train_transform(self):
-        """Task training transform: RandomResizedCrop(crop_scale, default 0.5-1), flip, RandAugment."""
-        return build_train_transform(self.image_size, self.crop_scale, self.augment, self.hflip)
+    def train_transform(self, hflip: bool | None = None):
+        """Task training transform: RandomResizedCrop(crop_scale, default 0.5-1), flip (``hflip``, default
+        the datamodule's; VQA flips in its dataset instead), RandAugment."""
+        return build_train_transform(self.image_size, self.crop_scale, self.augment,
+                                     self.hflip if hflip is None else hflip)
+
+    def cleaner(self, kind: str):
+        """How texts of ``kind`` (``cleaning.AUTHORS_MAX_WORDS``' keys) are cleaned under ``text_cleaning``."""
+        return text_cleaner(self.text_cleaning, kind)
 
     def test_transform(self):
         """Evaluation transform: square resize."""
@@ -226,7 +240,8 @@ class VLDataModule(L.LightningDataModule):
         transform = build_train_transform(config.image_size, config.crop_scale, self.augment, self.hflip)
         image_root = os.fspath(config.image_root or self.image_root)
         # crops seeded per item: the same masks from the same calibration data, whatever ran before
-        return ImageTextDataset(json_paths, image_root, transform, self.skip_bad_records, augment_seed=augment_seed)
+        return ImageTextDataset(json_paths, image_root, transform, self.skip_bad_records, augment_seed=augment_seed,
+                                clean=self.cleaner("calibration"))
 
     def _records(self, split: str) -> JsonArg:
         """The records file(s) of a task split (`<split>_json`), with an error naming the argument when absent."""

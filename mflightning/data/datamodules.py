@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .datamodule_base import CalibrationConfig, JsonArg, ShardSampler, VLDataModule
 from .datasets import (
+    VG_ANSWER_WEIGHT,
     ImageCaptionsDataset,
     ImageTextCollate,
     ImageTextDataset,
@@ -101,13 +102,16 @@ class _KarpathyDataModule(VLDataModule):
         super().__init__(image_root, **kwargs)
         self.train_json, self.val_json, self.test_json = train_json, val_json, test_json
 
+    #: Whose word cap the authors' text cleaning applies to the captions (``cleaning.AUTHORS_MAX_WORDS``).
+    text_kind = "retrieval"
+
     def _build_dataset(self, split: str) -> Dataset:
         if split == "train":
             return ImageTextDataset(self._records("train"), self.image_root, self.train_transform(),
-                                    self.skip_bad_records, prompt=self._prompt())
+                                    self.skip_bad_records, prompt=self._prompt(), clean=self.cleaner(self.text_kind))
         if split in ("val", "test"):
             return ImageCaptionsDataset(self._records(split), self.image_root, self.test_transform(),
-                                        self.skip_bad_records)
+                                        self.skip_bad_records, clean=self.cleaner(self.text_kind))
         return super()._build_dataset(split)
 
     def _prompt(self) -> str:
@@ -149,6 +153,8 @@ class CaptionDataModule(_KarpathyDataModule):
         super().__init__(train_json, val_json, test_json, image_root, max_length=max_length, **kwargs)
         self.prompt = prompt
 
+    text_kind = "captioning"
+
     def _prompt(self) -> str:
         return self.prompt
 
@@ -180,13 +186,19 @@ class VQADataModule(VLDataModule):
         image_root: folder the records' image paths are relative to.
         val_json: validation questions.
         answer_max_length: answer tokens per row, [CLS] and [SEP] included (>= 3).
-        vg_answer_weight: weight of each VG QA answer (None: count / number of answers, as VQA's).
+        vg_answer_weight: weight of each VG QA answer: 0.5 as the MultiFlow authors (None: count / number
+            of answers, as VQA's).
+        answer_suffix: text appended to every training answer ("[SEP]" in the authors' data: their answers
+            end with two [SEP] tokens; "" here by default).
         **kwargs: the arguments of `VLDataModule` (tokenizer, image_size, batch_size, calibration, ...).
+
+    Training images are flipped (`hflip`) only when neither the question nor an answer mentions left
+    or right, as the authors do (`VQADataset`): the flip happens in the dataset, not in the transform.
     """
 
     def __init__(self, train_json: JsonArg = None, test_json: JsonArg = None, answer_list_json: str | None = None,
                  image_root: str = ".", val_json: JsonArg = None, answer_max_length: int = 10,
-                 vg_answer_weight: float | None = None, **kwargs: Any):
+                 vg_answer_weight: float | None = VG_ANSWER_WEIGHT, answer_suffix: str = "", **kwargs: Any):
         super().__init__(image_root, **kwargs)
         if answer_max_length < 3:
             raise ValueError(f"answer_max_length must hold [CLS] answer [SEP] (>= 3), got {answer_max_length}")
@@ -194,6 +206,7 @@ class VQADataModule(VLDataModule):
         self.answer_list_json = answer_list_json
         self.answer_max_length = answer_max_length
         self.vg_answer_weight = vg_answer_weight
+        self.answer_suffix = answer_suffix
         self._answer_list: list[str] | None = None
 
     @property
@@ -218,11 +231,13 @@ class VQADataModule(VLDataModule):
 
     def _build_dataset(self, split: str) -> Dataset:
         if split == "train":
-            return VQADataset(self._records("train"), self.image_root, self.train_transform(), train=True,
-                              skip_bad_records=self.skip_bad_records, vg_answer_weight=self.vg_answer_weight)
+            # the dataset flips, skipping questions about left and right: the transform must not flip
+            return VQADataset(self._records("train"), self.image_root, self.train_transform(hflip=False), train=True,
+                              skip_bad_records=self.skip_bad_records, vg_answer_weight=self.vg_answer_weight,
+                              hflip=self.hflip, clean=self.cleaner("vqa_train"))
         if split in ("val", "test"):
             return VQADataset(self._records(split), self.image_root, self.test_transform(), train=False,
-                              skip_bad_records=self.skip_bad_records)
+                              skip_bad_records=self.skip_bad_records, clean=self.cleaner("vqa_test"))
         return super()._build_dataset(split)
 
     def setup(self, stage: str | None = None) -> None:
@@ -234,7 +249,8 @@ class VQADataModule(VLDataModule):
     def train_dataloader(self) -> DataLoader:
         """image, question_*, answer_* (A rows), answer_weights (A,), n_answers (B,)."""
         return self._train_loader(self.dataset("train"),
-                                  VQATrainCollate(self.tokenizer, self.max_length, self.answer_max_length))
+                                  VQATrainCollate(self.tokenizer, self.max_length, self.answer_max_length,
+                                                  self.answer_suffix))
 
     def val_dataloader(self) -> DataLoader:
         """image, question_*, question_id, answers (when the file has them)."""

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.transforms.functional import hflip
 
 from .records import (
     DataRecordError,
@@ -29,6 +30,14 @@ from .records import (
 log = logging.getLogger("mflightning.data")
 
 JsonPaths = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+def cleaned(clean: Callable[[str], str], text: str, item: Loaded) -> str:
+    """``clean(text)``; a text it refuses (empty after cleaning) is an error naming the file and record."""
+    try:
+        return clean(text)
+    except ValueError as exc:
+        raise DataRecordError(f"{item.source}: record {item.index}: {exc}") from None
 
 
 class _ImageDataset(Dataset):
@@ -62,10 +71,14 @@ class _ImageDataset(Dataset):
                         self.num_load_failures, message)
             return None
         if self.augment_seed is None:
-            return self.transform(image)
+            return self.augment(index, image)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.augment_seed * 1_000_003 + index)
-            return self.transform(image)
+            return self.augment(index, image)
+
+    def augment(self, index: int, image: Image.Image) -> torch.Tensor:
+        """The transform of item `index`'s decoded image (a dataset may add item-dependent steps)."""
+        return self.transform(image)
 
 
 class ImageTextDataset(_ImageDataset):
@@ -77,11 +90,12 @@ class ImageTextDataset(_ImageDataset):
     """
 
     def __init__(self, json_paths: JsonPaths, image_root: str, transform: Callable,
-                 skip_bad_records: bool = False, prompt: str = "", augment_seed: int | None = None):
+                 skip_bad_records: bool = False, prompt: str = "", augment_seed: int | None = None,
+                 clean: Callable[[str], str] = clean_text):
         items = load_records(json_paths, image_root, parse_caption_record, skip_bad_records)
         super().__init__(items, transform, skip_bad_records, augment_seed)
         self.prompt = prompt
-        self.texts = [prompt + clean_text(item.record.caption) for item in items]
+        self.texts = [prompt + cleaned(clean, item.record.caption, item) for item in items]
         image_index: dict[str, int] = {}
         self.image_idx = []
         for item in items:
@@ -104,7 +118,7 @@ class ImageCaptionsDataset(_ImageDataset):
     """
 
     def __init__(self, json_paths: JsonPaths, image_root: str, transform: Callable,
-                 skip_bad_records: bool = False):
+                 skip_bad_records: bool = False, clean: Callable[[str], str] = clean_text):
         items = load_records(json_paths, image_root, parse_captions_record, skip_bad_records)
         super().__init__(items, transform, skip_bad_records)
         seen: dict[str, Loaded] = {}
@@ -120,7 +134,7 @@ class ImageCaptionsDataset(_ImageDataset):
         self.text_idx: list[list[int]] = []
         for image_idx, item in enumerate(items):
             start = len(self.texts)
-            self.texts += [clean_text(c) for c in item.record.captions]
+            self.texts += [cleaned(clean, c, item) for c in item.record.captions]
             self.text_image_idx += [image_idx] * len(item.record.captions)
             self.text_idx.append(list(range(start, len(self.texts))))
         self.num_images = len(items)
@@ -141,19 +155,38 @@ class ImageCaptionsDataset(_ImageDataset):
         }
 
 
+#: Weight of each Visual Genome answer in VQA training (the MultiFlow authors' `datasets/vqa_dataset.py`).
+VG_ANSWER_WEIGHT = 0.5
+
+
+def mentions_left_or_right(question: str, answers: Sequence[str] = ()) -> bool:
+    """True when the question or an answer contains "left" or "right" (a substring test, as the authors'
+    `left_or_right_in`, here case-insensitive): flipping such an image would make its label wrong."""
+    return any("left" in text.lower() or "right" in text.lower() for text in (question, *answers))
+
+
 class VQADataset(_ImageDataset):
     """VQA questions. Train items: unique `answers` with weights count/len(answers) (or a fixed
-    `vg_answer_weight` for VG records, as BLIP does); eval items: `question_id` and, when the
-    file has them, the raw human `answers`."""
+    `vg_answer_weight` for VG records: the authors' 0.5, `VG_ANSWER_WEIGHT`); eval items: `question_id`
+    and, when the file has them, the raw human `answers`.
+
+    `hflip` (training only): the image is flipped with probability 0.5 before `transform` (which must
+    not flip), except when the question or an answer mentions left or right (`mentions_left_or_right`),
+    as the authors' VQA data does; a flip there would make the answer wrong.
+    """
 
     def __init__(self, json_paths: JsonPaths, image_root: str, transform: Callable, train: bool,
-                 skip_bad_records: bool = False, vg_answer_weight: float | None = None):
+                 skip_bad_records: bool = False, vg_answer_weight: float | None = VG_ANSWER_WEIGHT,
+                 hflip: bool = False, clean: Callable[[str], str] = clean_text):
         parse = parse_vqa_train_record if train else parse_vqa_test_record
         items = load_records(json_paths, image_root, parse, skip_bad_records)
         super().__init__(items, transform, skip_bad_records)
         self.train = train
+        if vg_answer_weight is not None and not vg_answer_weight > 0:
+            raise ValueError(f"vg_answer_weight must be positive or None, got {vg_answer_weight}")
         self.vg_answer_weight = vg_answer_weight
-        self.questions = [clean_text(item.record.question) for item in items]
+        self.hflip = bool(hflip) and train
+        self.questions = [cleaned(clean, item.record.question, item) for item in items]
         with_answers = [item.record.answers is not None for item in items]
         self.has_answers = all(with_answers)
         if not train and any(with_answers) and not self.has_answers:
@@ -162,6 +195,17 @@ class VQADataset(_ImageDataset):
                 f"{first.source}: record {first.index}: has no 'answer' while other test records do "
                 "(a test file has answers on every record or on none)"
             )
+
+    def may_flip(self, index: int) -> bool:
+        """Whether item `index`'s training image may be flipped (no left/right in its question or answers)."""
+        record = self.items[index].record
+        return self.hflip and not mentions_left_or_right(record.question, record.answers or ())
+
+    def augment(self, index: int, image: Image.Image) -> torch.Tensor:
+        # the coin is drawn for every item, as the authors do, so the other random draws do not depend on the text
+        if self.hflip and bool(torch.rand(()) < 0.5) and self.may_flip(index):
+            image = hflip(image)
+        return self.transform(image)
 
     def answer_weights(self, index: int) -> tuple[list[str], list[float]]:
         """Unique answers of question `index` (first-seen order) and their weights."""
@@ -304,15 +348,19 @@ def caption_eval_collate(items: list[dict | None]) -> dict[str, Any]:
 
 
 class VQATrainCollate:
-    """Batch: image, question_*, answer_* (A rows), answer_weights (A,), n_answers (B,)."""
+    """Batch: image, question_*, answer_* (A rows), answer_weights (A,), n_answers (B,).
 
-    def __init__(self, tokenizer, max_length: int, answer_max_length: int):
+    `answer_suffix` is appended to every answer's text before tokenizing (the authors append "[SEP]",
+    so their answers read `[CLS] answer [SEP] [SEP]`)."""
+
+    def __init__(self, tokenizer, max_length: int, answer_max_length: int, answer_suffix: str = ""):
         self.tokenizer, self.max_length, self.answer_max_length = tokenizer, max_length, answer_max_length
+        self.answer_suffix = answer_suffix
 
     def __call__(self, items: list[dict | None]) -> dict[str, Any]:
         items = _present(items)
         question_ids, question_mask = tokenize(self.tokenizer, [i["question"] for i in items], self.max_length)
-        answers = [a for i in items for a in i["answers"]]
+        answers = [a + self.answer_suffix for i in items for a in i["answers"]]
         answer_ids, answer_mask = tokenize(self.tokenizer, answers, self.answer_max_length)
         return {
             "image": torch.stack([i["image"] for i in items]),

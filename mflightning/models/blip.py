@@ -42,8 +42,10 @@ from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, Bli
 from mflightning.losses import itc_itm_losses, itc_loss, sample_hard_negatives, shifted_lm_loss
 from mflightning.models.blip_checkpoints import DEFAULT_TEMP, load_backbone, save_backbone, unique_state
 from mflightning.models.blip_config import as_blip_config, config_from_tokenizer, tiny_config
+from mflightning.models.generation import beam_search
 from mflightning.models.interface import with_first_token
 from mflightning.models.state import checkpoint_spec
+from mflightning.models.stochastic_depth import set_drop_path_
 from mflightning.pruning.presets import register_preset
 
 PRESET_NAME = "blip"
@@ -148,8 +150,17 @@ class BlipBackbone(nn.Module):
         config.tie_decoder = False
         for text_model in (self.text_encoder, self.text_decoder):
             honour_cross_attention_masks(text_model)
+        self.set_drop_path_(getattr(config.vision_config, "drop_path_rate", 0.0))
         if tie:
             self.tie_decoder_()
+
+    def set_drop_path_(self, rate: float) -> "BlipBackbone":
+        """Stochastic depth in the ViT as the authors' ``create_vit(drop_path_rate=rate)`` (0.1 for VQA, else 0):
+        layer i drops each residual branch with ``linspace(0, rate, depth)[i]``; kept in
+        ``config.vision_config.drop_path_rate`` (saved with the backbone); 0 switches it off."""
+        set_drop_path_(self.vision_model.encoder.layers, rate, branches=("self_attn", "mlp"))
+        self.config.vision_config.drop_path_rate = float(rate)
+        return self
 
     @property
     def enc_token_id(self) -> int:
@@ -225,19 +236,23 @@ class BlipBackbone(nn.Module):
     @classmethod
     def from_spec(cls, spec: Any, tokenizer: Any, decoder_from: str | None = None) -> "BlipBackbone":
         """Backbone from a hub name / local dir / original ``.pth`` file, a dict ``{"checkpoint": path,
-        "image_size": ..., "config": ..., "allow_missing": [...]}`` (``from_pretrained``'s arguments, e.g.
-        the authors' 224 px pretraining file fine-tuned at 384 px), a config dict (token ids and vocab
-        filled from the tokenizer) or an existing ``BlipBackbone``; always untied (encoder and decoder
-        train as separate copies)."""
+        "image_size": ..., "config": ..., "allow_missing": [...], "drop_path_rate": ...}``
+        (``from_pretrained``'s arguments, e.g. the authors' 224 px pretraining file fine-tuned at 384 px,
+        plus the ViT's stochastic depth, ``set_drop_path_``), a config dict (token ids and vocab filled
+        from the tokenizer; ``vision_config.drop_path_rate`` likewise) or an existing ``BlipBackbone``;
+        always untied (encoder and decoder train as separate copies)."""
         if isinstance(spec, cls):
             backbone = spec
         elif isinstance(spec, (str, os.PathLike)):
             backbone = cls.from_pretrained(spec, decoder_from=decoder_from)
         elif isinstance(spec, Mapping) and "checkpoint" in spec:
-            path, options = checkpoint_spec(spec, ("image_size", "config", "allow_missing"), "BLIP")
+            path, options = checkpoint_spec(spec, ("image_size", "config", "allow_missing", "drop_path_rate"), "BLIP")
             if "allow_missing" in options:
                 options["allow_missing"] = tuple(options["allow_missing"])
+            drop_path_rate = options.pop("drop_path_rate", None)
             backbone = cls.from_pretrained(path, decoder_from=decoder_from, **options)
+            if drop_path_rate is not None:
+                backbone.set_drop_path_(drop_path_rate)
         elif isinstance(spec, Mapping):
             backbone = cls.from_config(config_from_tokenizer(spec, tokenizer))
         elif spec is None:
@@ -304,6 +319,15 @@ class BlipBackbone(nn.Module):
         """
         return load_backbone(cls, name_or_path, decoder_from, allow_missing, tie_decoder, hub_kwargs,
                              config=config, image_size=image_size)
+
+    @staticmethod
+    def load_momentum_(copy_: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """Momentum encoders of the authors' pretraining/retrieval ``.pth`` into ``copy_`` (a momentum copy of
+        a ``BlipBackbone``); returns the file's ITC queues, rows ``(queue_size, embed_dim)``. See
+        ``blip_original.load_original_momentum_``."""
+        from mflightning.models.blip_original import load_original_momentum_
+
+        return load_original_momentum_(copy_, path)
 
     def unused_parts(self, task: str) -> tuple[str, ...]:
         """Parts ``task`` never runs: the decoder for retrieval, the encoder and ITC/ITM heads for captioning."""
@@ -397,8 +421,18 @@ class BlipBackbone(nn.Module):
     @torch.no_grad()
     def generate_caption(self, prompt_ids: torch.Tensor, image_embeds: torch.Tensor, *, num_beams: int,
                          min_length: int, max_length: int, eos_token_id: int, pad_token_id: int,
-                         repetition_penalty: float = 1.0) -> list[list[int]]:
-        """transformers beam search with the decoder from ``prompt_ids`` ([DEC] first); ids after the prompt."""
+                         repetition_penalty: float = 1.0, length_normalisation: str = "generated") -> list[list[int]]:
+        """transformers beam search with the decoder from ``prompt_ids`` ([DEC] first); ids after the prompt.
+        ``length_normalisation="sequence"`` (transformers 4.31's scores, which transformers 5 cannot give) runs
+        ``mflightning.models.generation.beam_search`` over the decoder instead (no KV cache: slower)."""
+        if length_normalisation != "generated":
+            beams = image_embeds.repeat_interleave(num_beams, dim=0)
+
+            def step(seqs: torch.Tensor) -> torch.Tensor:
+                return self.caption_logits(seqs, torch.ones_like(seqs), beams)[:, -1]
+
+            return beam_search(step, prompt_ids, num_beams, min_length, max_length, eos_token_id,
+                               repetition_penalty=repetition_penalty, length_normalisation=length_normalisation)
         output = self.text_decoder.generate(
             input_ids=prompt_ids,
             attention_mask=torch.ones_like(prompt_ids),

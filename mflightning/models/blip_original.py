@@ -83,6 +83,9 @@ BLIP_ENC_TOKEN_ID = 30523
 DEFAULT_EMBED_DIM = 256  # ITC embedding width when the file has no heads (BLIP's `embed_dim`)
 VISION_LAYER_NORM_EPS = 1e-6  # the original ViT's LayerNorm eps (transformers' default is 1e-5)
 TEXT_LAYER_NORM_EPS = 1e-12  # BERT's
+# The authors' configs/blip/med_config.json (every task's text encoder and decoder): dropout 0.1 after the
+# embeddings, on the attention probabilities and on each sub-layer's output; transformers' BlipTextConfig has 0.0.
+TEXT_DROPOUT = 0.1
 
 
 # ----------------------------------------------------------------------------- reading
@@ -234,7 +237,8 @@ def infer_blip_config(state: Mapping[str, torch.Tensor], source: str = "checkpoi
     Vision: width from ``cls_token``, patch size from ``patch_embed.proj``, image size from the
     ``pos_embed`` grid x patch size, depth from the ``blocks.N`` indices, FFN width from ``mlp.fc1``,
     LayerNorm eps 1e-6. Text (encoder, else the decoder's ``bert.``): vocabulary and width from the
-    word embeddings, positions, depth, FFN width; cross-attention width = the image encoder's.
+    word embeddings, positions, depth, FFN width; cross-attention width = the image encoder's;
+    hidden and attention dropout 0.1 (the authors' ``med_config.json``, not in the file).
     Heads: only the published widths (``HEADS_BY_WIDTH``: 768 -> 12, 1024 -> 16); other widths raise.
     Token ids: BLIP's tokenizer (vocabulary 30524: [PAD] 0, [SEP] 102, [DEC] 30522, [ENC] 30523); another
     vocabulary raises. ITC width from ``vision_proj`` (256 when the file has no heads).
@@ -289,7 +293,8 @@ def infer_blip_config(state: Mapping[str, torch.Tensor], source: str = "checkpoi
             f"for BLIP's tokenizer ({BLIP_VOCAB} tokens); pass config= with the text_config token ids"
         )
     text.update(num_attention_heads=_heads(text["hidden_size"], "text encoder/decoder", source),
-                layer_norm_eps=TEXT_LAYER_NORM_EPS, hidden_act="gelu", **BLIP_TOKEN_IDS)
+                layer_norm_eps=TEXT_LAYER_NORM_EPS, hidden_act="gelu", hidden_dropout_prob=TEXT_DROPOUT,
+                attention_probs_dropout_prob=TEXT_DROPOUT, **BLIP_TOKEN_IDS)
     embed_dim = state["vision_proj.weight"].shape[0] if "vision_proj.weight" in state else DEFAULT_EMBED_DIM
     config = BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=int(embed_dim))
     config.enc_token_id = BLIP_ENC_TOKEN_ID
@@ -390,3 +395,44 @@ def load_original(
         log.warning("%s: tie_decoder=True but the file's decoder cross-attention/FFN differ from the encoder's; "
                     "the encoder's weights are shared and the decoder's own copies are dropped", source)
     return set_tied(model, tie_decoder)
+
+
+# ----------------------------------------------------------------------------- momentum encoders and queues
+ITC_QUEUES = ("image_queue", "text_queue")  # (embed_dim, queue_size) each, columns L2-normalised
+
+
+def load_original_momentum_(copy_: torch.nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load the momentum encoders of an original pretraining or retrieval file into ``copy_`` (a momentum
+    copy of a ``BlipBackbone``, e.g. ``RetrievalModule.backbone_m``); return the file's ITC queues as
+    ``{"image_queue": (queue_size, embed_dim), "text_queue": ...}`` rows.
+
+    This is what the authors' ``load_checkpoint`` does for retrieval (their model holds
+    ``visual_encoder_m``, ``text_encoder_m``, ``vision_proj_m``, ``text_proj_m`` and the two queues under
+    the file's names): ``*_m.*`` tensors are renamed as their online twins, the image position
+    embeddings resized to ``copy_``'s image size. Every parameter of ``copy_`` must come from the file
+    and every momentum tensor of the file must fit it, else an error naming them.
+    """
+    source = str(path)
+    original = read_original_state(path)
+    momentum = {}
+    for name, tensor in original.items():
+        if MOMENTUM.match(name):
+            top, dot, rest = name.partition(".")
+            momentum[top[: -len("_m")] + dot + rest] = tensor
+    missing_queues = [q for q in ITC_QUEUES if q not in original]
+    if not momentum or missing_queues:
+        raise ValueError(f"{source}: a {checkpoint_kind(original)} checkpoint without "
+                         + ("momentum encoders (*_m.*)" if not momentum else f"the ITC queues {missing_queues}")
+                         + "; only BLIP's pretraining and retrieval files hold them (momentum_from_checkpoint=False "
+                           "starts the momentum encoders as copies of the backbone and the queue empty)")
+    mapped, origin, _ = convert_original_state(momentum, source)
+    mapped = {name: tensor for name, tensor in mapped.items() if not name.endswith("position_ids")}
+    mapped = fit_position_embeddings(copy_, mapped, f"{source} (visual_encoder_m.pos_embed)")
+    _check_against(copy_, mapped, origin, source, inferred=False)
+    own = dict(copy_.named_parameters())
+    loaded = load_mapped(copy_, mapped, source, components=tuple(copy_._modules) + tuple(copy_._parameters))
+    missing = sorted(set(own) - loaded)
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} momentum parameters are not in the file, e.g. {missing[:6]}")
+    log.info("%s: loaded the momentum encoders (%d tensors) and the ITC queues", source, len(loaded))
+    return {name: original[name].t().contiguous() for name in ITC_QUEUES}

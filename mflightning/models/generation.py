@@ -4,7 +4,7 @@ Lives with the models because a backbone's ``generate_caption`` (``VisionLanguag
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -16,21 +16,36 @@ def penalise_repetitions(logp: torch.Tensor, seqs: torch.Tensor, penalty: float)
     return logp.scatter(1, seqs, torch.where(seen < 0, seen * penalty, seen / penalty))
 
 
+#: How a hypothesis's summed log-probability is normalised: by its generated tokens, end token included
+#: (transformers 5); or by the whole sequence, prompt included, end token excluded (transformers 4.31,
+#: which the MultiFlow authors ran: ``BeamHypotheses.add`` divides by ``hyp.shape[-1]``).
+LengthNormalisation = Literal["generated", "sequence"]
+LENGTH_NORMALISATIONS = ("generated", "sequence")
+
+
 @torch.no_grad()
 def beam_search(step: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tensor, num_beams: int,
                 min_length: int, max_length: int, eos_token_id: int, length_penalty: float = 1.0,
-                repetition_penalty: float = 1.0) -> list[list[int]]:
+                repetition_penalty: float = 1.0, length_normalisation: LengthNormalisation = "generated",
+                ) -> list[list[int]]:
     """Beam search continuing ``prompt`` ``(B, P)``; returns each item's generated ids (eos dropped).
 
     ``step(seqs)`` gives next-token logits ``(B*K, V)`` for ``seqs`` ``(B*K, t)`` (row ``b*K + j`` is
     beam j of item b). Lengths count the prompt; eos is blocked below ``min_length``. Finished
     hypotheses are scored by summed log-probability / (generated tokens incl. eos) ** length_penalty;
     an item stops when it has K finished hypotheses that no running beam can beat (as in HF).
+    ``length_normalisation="sequence"`` scores as transformers 4.31 does instead: a finished hypothesis
+    by its length without eos, prompt included; an item stops when its worst finished score is at least
+    the best candidate's sum over the length it would have (``BeamHypotheses.is_done``); at
+    ``max_length`` the running beams are scored by their full length.
     ``repetition_penalty`` > 1 makes tokens already in a beam (prompt included) less likely, as
     transformers' ``RepetitionPenaltyLogitsProcessor`` does to beam-search log-probabilities.
     """
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be positive, got {repetition_penalty}")
+    if length_normalisation not in LENGTH_NORMALISATIONS:
+        raise ValueError(f"length_normalisation must be one of {LENGTH_NORMALISATIONS}, got {length_normalisation!r}")
+    by_sequence = length_normalisation == "sequence"
     batch, prompt_len = prompt.shape
     k = num_beams
     seqs = prompt.repeat_interleave(k, dim=0)
@@ -47,6 +62,7 @@ def beam_search(step: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tens
         vocab = logp.size(-1)
         top_scores, top_ids = (scores.view(-1, 1) + logp).view(batch, k * vocab).topk(2 * k, dim=1)
         generated = seqs.size(1) + 1 - prompt_len
+        finished_length = seqs.size(1) if by_sequence else generated  # a hypothesis ending here, normalised
         rows, tokens, new_scores = [], [], []
         for b in range(batch):
             running = []
@@ -57,14 +73,17 @@ def beam_search(step: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tens
                 if token == eos_token_id:
                     if rank_ < k and score > float("-inf"):
                         hyp = seqs[b * k + beam, prompt_len:].tolist()
-                        finished[b] = sorted(finished[b] + [(score / generated ** length_penalty, hyp)],
+                        finished[b] = sorted(finished[b] + [(score / finished_length ** length_penalty, hyp)],
                                              reverse=True)[:k]
                 else:
                     running.append((score, b * k + beam, token))
             while len(running) < k:  # finished items (or too few candidates) keep placeholder beams
                 running.append((float("-inf"), b * k, eos_token_id))
-            best_running = running[0][0]
-            if len(finished[b]) == k and finished[b][-1][0] >= best_running / generated ** length_penalty:
+            if by_sequence:  # 4.31: the best of all candidates (eos ones too) over the length with the new token
+                best = top_scores[b, 0].item() / (seqs.size(1) + 1) ** length_penalty
+            else:
+                best = running[0][0] / generated ** length_penalty
+            if len(finished[b]) == k and finished[b][-1][0] >= best:
                 done[b] = True
             for score, row, token in running:
                 rows.append(row)
@@ -73,15 +92,15 @@ def beam_search(step: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tens
         index = torch.tensor(rows, device=seqs.device)
         seqs = torch.cat([seqs[index], torch.tensor(tokens, device=seqs.device).view(-1, 1)], dim=1)
         scores = torch.tensor(new_scores, device=seqs.device).view(batch, k)
-    generated = seqs.size(1) - prompt_len
+    final_length = seqs.size(1) if by_sequence else max(1, seqs.size(1) - prompt_len)
     out = []
     for b in range(batch):
         pool = list(finished[b])
         if not done[b]:  # max_length reached: running beams compete as they are
-            pool += [(s / max(1, generated) ** length_penalty, seqs[b * k + j, prompt_len:].tolist())
+            pool += [(s / final_length ** length_penalty, seqs[b * k + j, prompt_len:].tolist())
                      for j, s in enumerate(scores[b].tolist()) if s > float("-inf")]
         out.append(max(pool, key=lambda item: item[0])[1] if pool else [])
     return out
 
 
-__all__ = ["beam_search", "penalise_repetitions"]
+__all__ = ["LENGTH_NORMALISATIONS", "LengthNormalisation", "beam_search", "penalise_repetitions"]

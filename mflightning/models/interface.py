@@ -109,9 +109,10 @@ class VisionLanguageBackbone(Protocol):
 
     def generate_caption(self, prompt_ids: torch.Tensor, image_embeds: torch.Tensor, *, num_beams: int,
                          min_length: int, max_length: int, eos_token_id: int, pad_token_id: int,
-                         repetition_penalty: float = 1.0) -> list[list[int]]:
+                         repetition_penalty: float = 1.0, length_normalisation: str = "generated") -> list[list[int]]:
         """Beam-search continuations of ``prompt_ids`` ``(B, P)`` (lengths count the prompt): the generated
-        ids of each image, prompt removed (padding/eos may remain; decode with ``skip_special_tokens``)."""
+        ids of each image, prompt removed (padding/eos may remain; decode with ``skip_special_tokens``).
+        ``length_normalisation``: ``"generated"`` or ``"sequence"`` (``mflightning.models.generation``)."""
         ...
 
     def pretraining_losses(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,

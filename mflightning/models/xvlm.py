@@ -85,6 +85,20 @@ register_preset(
     "the VQA decoder copied from them (inherits their masks); heads dense",
 )
 
+# The authors' default for XVLM VQA (their vqa.py without --inherit_mask): the answer decoder, copied from the
+# dense pretrained fusion layers, keeps all its weights (masks of ones) and trains dense; only the other
+# layers are masked. A task module selects it by its `pruning_preset` (XVLMVQAModule(inherit_decoder_masks=False)).
+DENSE_DECODER_PRESET = "xvlm_dense_decoder"
+register_preset(
+    DENSE_DECODER_PRESET,
+    groups={**XVLM_GROUPS, "fusion": _ANY_PREFIX + r"fusion_encoder\.layer\."},
+    exclude=XVLM_EXCLUDE + (_ANY_PREFIX + r"text_decoder\.",),
+    unfiltered=XVLM_UNFILTERED,
+    image_groups=("vision",),
+    description="XVLM with a dense VQA decoder (the authors' default): as 'xvlm', the decoder copied from the "
+    "fusion layers neither inherits their masks nor is pruned",
+)
+
 # Backbone parts each task never runs in training (frozen by the task modules). The MLM head's
 # transform and bias serve MLM pretraining and captioning only (its output weight is the word
 # embedding matrix, which every task trains).
@@ -288,7 +302,7 @@ class XVLMBackbone(nn.Module):
     @torch.no_grad()
     def generate_caption(self, prompt_ids: torch.Tensor, image_embeds: torch.Tensor, *, num_beams: int,
                          min_length: int, max_length: int, eos_token_id: int, pad_token_id: int,
-                         repetition_penalty: float = 1.0) -> list[list[int]]:
+                         repetition_penalty: float = 1.0, length_normalisation: str = "generated") -> list[list[int]]:
         """``beam_search`` over ``caption_logits`` from ``prompt_ids`` (eos dropped; ``pad_token_id`` unused)."""
         beams = image_embeds.repeat_interleave(num_beams, dim=0)
 
@@ -296,7 +310,7 @@ class XVLMBackbone(nn.Module):
             return self.caption_logits(seqs, torch.ones_like(seqs), beams)[:, -1]
 
         return beam_search(step, prompt_ids, num_beams, min_length, max_length, eos_token_id,
-                           repetition_penalty=repetition_penalty)
+                           repetition_penalty=repetition_penalty, length_normalisation=length_normalisation)
 
     @property
     def pruning_loss_terms(self) -> tuple[str, ...]:

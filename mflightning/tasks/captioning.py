@@ -6,6 +6,7 @@ from typing import Any, Mapping
 import torch
 
 from mflightning.metrics import caption_scores
+from mflightning.models.generation import LENGTH_NORMALISATIONS, LengthNormalisation
 from mflightning.losses import shifted_lm_loss
 from mflightning.tasks.base import EvaluationLoop, TaskModule, _require
 from mflightning.tasks.distributed import broadcast_from_zero, dedupe, gather_objects
@@ -30,6 +31,9 @@ class CaptioningModule(EvaluationLoop, TaskModule):
     (``val/bleu4``, ``val/cider`` ...) and written as a COCO results JSON ``[{"image_id", "caption"}]``.
     The generation lengths are named apart from the datamodule's ``max_length`` (training text): with a
     logger, Lightning refuses module and datamodule hyperparameters that share a name but not a value.
+    ``length_normalisation``: how beam search normalises a hypothesis's log-probability: ``"generated"``
+    (by its generated tokens, end token included: transformers 5) or ``"sequence"`` (by prompt + generated
+    tokens, end token excluded: transformers 4.31, which the MultiFlow authors ran).
     """
 
     task = "captioning"
@@ -37,7 +41,7 @@ class CaptioningModule(EvaluationLoop, TaskModule):
     def __init__(
         self, *args: Any, prompt: str = "a picture of ", label_smoothing: float = 0.1, num_beams: int = 3,
         min_generated_length: int = 5, max_generated_length: int = 20, repetition_penalty: float = 1.0, meteor: bool = True,
-        **kwargs: Any,
+        length_normalisation: LengthNormalisation = "generated", **kwargs: Any,
     ):
         kwargs.setdefault("lr", 1e-5)
         kwargs.setdefault("weight_decay", 0.05)
@@ -48,6 +52,9 @@ class CaptioningModule(EvaluationLoop, TaskModule):
         self.min_generated_length = min_generated_length
         self.max_generated_length = max_generated_length
         self.repetition_penalty = repetition_penalty
+        if length_normalisation not in LENGTH_NORMALISATIONS:
+            raise ValueError(f"length_normalisation must be one of {LENGTH_NORMALISATIONS}, got {length_normalisation!r}")
+        self.length_normalisation = length_normalisation
         self.meteor = meteor  # False skips METEOR's slow Java start-up (quick runs and tests)
         # [CLS] + prompt word pieces ([SEP] dropped): positions excluded from the loss.
         self.prompt_length = len(self.tokenizer(prompt).input_ids) - 1
@@ -76,6 +83,7 @@ class CaptioningModule(EvaluationLoop, TaskModule):
             prompt, image_embeds, num_beams=self.num_beams, min_length=self.min_generated_length,
             max_length=self.max_generated_length,
             eos_token_id=self.sep_token_id, pad_token_id=self.pad_token_id, repetition_penalty=self.repetition_penalty,
+            length_normalisation=self.length_normalisation,
         )
         return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
 

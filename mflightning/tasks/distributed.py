@@ -114,3 +114,29 @@ def all_gather(tensor: torch.Tensor, sizes: list[int] | None = None) -> torch.Te
         raise ValueError(f"all_gather: sizes {sizes} do not fit {world_size()} processes with "
                          f"{tensor.size(0)} rows on rank {rank()}")
     return _GatherWithGrad.apply(tensor, list(sizes))
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """The identity whose backward multiplies the gradient by ``factor``."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def scale_grad(tensor: torch.Tensor, factor: float) -> torch.Tensor:
+    """``tensor`` unchanged, its gradient multiplied by ``factor`` on the way back (itself when factor is 1).
+
+    The XVLM authors' ITC (``models/xvlm/xvlm.py``): every process computes the loss of the whole global
+    batch, and their ``AllGather``'s backward keeps only the gradient of its own rows, summing nothing
+    over processes. That loss is the mean over processes of the per-process losses computed with
+    ``all_gather`` (local rows against the gathered keys), so each process's features get 1/world of
+    the exact gradient: ``scale_grad(features, 1 / world)`` before the ITC gives their gradients exactly
+    (the temperature, read outside the gather, keeps its exact gradient in both).
+    """
+    return tensor if factor == 1 else _ScaleGrad.apply(tensor, float(factor))

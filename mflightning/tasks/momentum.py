@@ -6,7 +6,11 @@
   ``p_m = m * p_m + (1 - m) * p``. A pruned weight (0 online, 0 in the copy) stays exactly 0.
 - ``FeatureQueue``: a ring buffer of image features, text features and image ids, filled with the
   global batch (every process enqueues the same gathered rows, so every process holds the same
-  queue); only filled slots are read.
+  queue); only filled slots are read. ``fill_`` starts it full from saved features (the authors load
+  their pretraining file's queue), with no image ids (never positives).
+- ``start_from_checkpoint_``: momentum encoders and queue as a pretraining file holds them (BLIP's
+  ``model_base*.pth``, which the authors' retrieval fine-tuning loads), through the backbone's
+  ``load_momentum_``.
 - ``ramped_alpha``: the distillation weight, ramped up over the first epoch as the authors do.
 
 Everything is module state (parameters, buffers), so checkpoints save and restore it.
@@ -15,7 +19,9 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -47,10 +53,19 @@ def ema_copy(backbone: nn.Module, parts: Iterable[str]) -> nn.Module:
     return copied
 
 
+#: ``"ema"``: ``p_m = m * p_m + (1 - m) * p``; ``"swapped"``: ``p_m = m * p + (1 - m) * p_m`` (the MultiFlow
+#: authors' ``_external_momentum_update`` in ``models/blip/blip_retrieval.py``).
+MomentumRule = Literal["ema", "swapped"]
+MOMENTUM_RULES = ("ema", "swapped")
+
+
 @torch.no_grad()
-def momentum_update_(target: nn.Module, source: nn.Module, momentum: float) -> None:
+def momentum_update_(target: nn.Module, source: nn.Module, momentum: float, rule: MomentumRule = "ema") -> None:
     """``p_m = momentum * p_m + (1 - momentum) * p`` for every parameter of ``target``, ``p`` being the
-    parameter of the same name in ``source`` (exact zeros stay zero: ``m * 0 + (1 - m) * 0 == 0``)."""
+    parameter of the same name in ``source`` (exact zeros stay zero: ``m * 0 + (1 - m) * 0 == 0``);
+    ``rule="swapped"`` exchanges the weights: ``p_m = momentum * p + (1 - momentum) * p_m``."""
+    if rule not in MOMENTUM_RULES:
+        raise ValueError(f"momentum rule must be one of {MOMENTUM_RULES}, got {rule!r}")
     params = dict(source.named_parameters())
     unmatched = [name for name, _ in target.named_parameters() if name not in params]
     if unmatched:  # e.g. the backbone was re-parametrised after the copy was made: the copy would freeze
@@ -60,8 +75,37 @@ def momentum_update_(target: nn.Module, source: nn.Module, momentum: float) -> N
     if not pairs:
         return
     targets, sources = [p for p, _ in pairs], [p.detach() for _, p in pairs]
-    torch._foreach_mul_(targets, momentum)
-    torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
+    kept = momentum if rule == "ema" else 1.0 - momentum  # the weight of the momentum parameter itself
+    torch._foreach_mul_(targets, kept)
+    torch._foreach_add_(targets, sources, alpha=1.0 - kept)
+
+
+def checkpoint_file(spec: Any) -> str | None:
+    """The file a backbone spec loads (a path, or a ``{"checkpoint": path, ...}`` dict); None otherwise."""
+    if isinstance(spec, (str, os.PathLike)):
+        return str(spec)
+    if isinstance(spec, Mapping) and isinstance(spec.get("checkpoint"), (str, os.PathLike)):
+        return str(spec["checkpoint"])
+    return None
+
+
+def start_from_checkpoint_(backbone: nn.Module, backbone_m: nn.Module | None, queue: "FeatureQueue | None",
+                           spec: Any) -> None:
+    """Load ``backbone_m`` and fill ``queue`` (if any) from the file the backbone ``spec`` names, as the
+    authors' retrieval does with BLIP's pretraining file; errors name what is missing."""
+    path = checkpoint_file(spec)
+    if path is None:
+        raise ValueError("momentum_from_checkpoint=True needs the backbone given as a checkpoint file "
+                         f"(backbone: <path> or {{checkpoint: <path>}}), got {type(spec).__name__}")
+    if backbone_m is None:
+        raise ValueError("momentum_from_checkpoint=True needs momentum encoders: set momentum (e.g. 0.995)")
+    loader = getattr(type(backbone), "load_momentum_", None)
+    if loader is None:
+        raise ValueError(f"momentum_from_checkpoint=True: {type(backbone).__name__} cannot read momentum encoders "
+                         f"from {path} (no load_momentum_)")
+    queues = loader(backbone_m, path)
+    if queue is not None:
+        queue.fill_(queues["image_queue"], queues["text_queue"], source=f"{path} (image_queue/text_queue)")
 
 
 def ramped_alpha(alpha: float, epoch: int, batch_idx: int, batches_per_epoch: float) -> float:
@@ -128,8 +172,24 @@ class FeatureQueue(nn.Module):
         self.ptr.fill_((start + n) % self.size)
         self.filled.fill_(min(self.size, self._filled() + n))
 
+    @torch.no_grad()
+    def fill_(self, image_feat: torch.Tensor, text_feat: torch.Tensor, source: str = "features") -> None:
+        """Start full from ``(size, dim)`` image and text features (pointer at 0); their ids are -1, i.e. no
+        image of the data set, so they are negatives of every caption (the authors' ``idx_queue`` -100)."""
+        expected = tuple(self.image_queue.shape)
+        for what, feat in (("image", image_feat), ("text", text_feat)):
+            if tuple(feat.shape) != expected:
+                raise ValueError(f"{source}: {what} queue of shape {tuple(feat.shape)} does not fit this queue "
+                                 f"(size {expected[0]}, feature dim {expected[1]}); set queue_size={feat.shape[0]}")
+        self.image_queue.copy_(image_feat)
+        self.text_queue.copy_(text_feat)
+        self.idx_queue.fill_(-1)
+        self.ptr.zero_()
+        self.filled.fill_(self.size)
+
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.image_queue.size(1)}"
 
 
-__all__ = ["FeatureQueue", "ema_copy", "momentum_update_", "ramped_alpha"]
+__all__ = ["FeatureQueue", "MOMENTUM_RULES", "MomentumRule", "checkpoint_file", "ema_copy", "momentum_update_",
+           "ramped_alpha", "start_from_checkpoint_"]

@@ -3,7 +3,7 @@ training, ITC top-k re-ranked with ITM, on any backbone."""
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +13,9 @@ from mflightning.losses import (MatchCandidates, itc_itm_losses, itc_similarity,
                                 positive_targets, soft_cross_entropy)
 from mflightning.tasks.base import EvaluationLoop, TaskModule, _require
 from mflightning.tasks.distributed import (all_gather, gather_objects, gather_shapes, gather_sizes, pad_length,
-                                          rank, to_cpu, world_size)
-from mflightning.tasks.momentum import FeatureQueue, ema_copy, momentum_update_, ramped_alpha
+                                          rank, scale_grad, to_cpu, world_size)
+from mflightning.tasks.momentum import (MOMENTUM_RULES, FeatureQueue, MomentumRule, ema_copy, momentum_update_,
+                                        ramped_alpha, start_from_checkpoint_)
 from mflightning.tasks.ranking import (SHARED_KEYS, RetrievalSet, merge_outputs,  # noqa: F401
                                        recall_from_scores, rerank_pairs, rerank_scores, topk_score_matrices)
 
@@ -38,7 +39,8 @@ class RetrievalModule(EvaluationLoop, TaskModule):
       the targets mix in their similarities: ``alpha * softmax(sim_m) + (1 - alpha) * positives``,
       ``alpha`` ramped from 0 over the first epoch (``alpha * min(1, batch / batches_per_epoch)``).
     - ITM: each caption's positive pair, a hard-negative image and a hard-negative caption, drawn
-      from the global batch by the softmax of the online ITC similarities, never of the same image.
+      from the global batch (``itm_negatives="local"``: the process's own) by the softmax of the online
+      ITC similarities, never of the same image.
 
     Args (besides ``TaskModule``'s):
         k_test: candidates per query re-scored by ITM at evaluation.
@@ -50,11 +52,24 @@ class RetrievalModule(EvaluationLoop, TaskModule):
         queue_size: rows of the (image feature, text feature, image id) queue; 0: no queue. Any
             global batch size works (the queue wraps around); empty slots are not read.
         alpha: weight of momentum distillation (needs ``momentum``); 0: hard positive targets.
+        momentum_from_checkpoint: start the momentum encoders and the queue (full, no positives) from the
+            backbone's checkpoint file, which must hold them (BLIP's pretraining ``.pth``), as the authors'
+            retrieval does; False: copies of the backbone and an empty queue.
         gather: ITC keys and ITM negatives over the global batch when several processes train;
             False: each process's own batch only (the queue still takes the global batch, so every
             process holds the same one). BLIP's own code scores each process's rows against its
             local momentum features plus the queue; with ``gather=True`` the other processes' current
             features are keys too (the ITC of one process on the concatenated batch).
+        itm_negatives: with ``gather``, where ITM hard negatives come from: ``"global"`` (the global
+            batch) or ``"local"`` (this process's batch, as both authors' codes: BLIP's
+            ``negative_all_rank: False``, XVLM's ``get_matching_loss``).
+        gather_backward: with ``gather``, ``"sum"``: each process's features get the gradient of every
+            process's ITC loss (the exact gradient of the global batch's loss); ``"local"``: 1/world of it, the
+            gradients of the XVLM authors' ``AllGather``, whose backward keeps only the local slice of each
+            process's whole-batch loss (``mflightning.tasks.distributed.scale_grad`` says why they agree).
+        momentum_rule: ``"ema"``: ``p_m = m * p_m + (1 - m) * p``; ``"swapped"``: ``p_m = m * p + (1 - m) * p_m``,
+            as the MultiFlow authors' BLIP retrieval writes it (``_external_momentum_update``), which keeps the
+            momentum encoders next to the online ones.
 
     The momentum update runs once per training step (per micro-batch under gradient
     accumulation, as BLIP's code does: the effective momentum per optimizer step is then
@@ -79,7 +94,9 @@ class RetrievalModule(EvaluationLoop, TaskModule):
     momentum_parts: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, *args: Any, k_test: int = 256, itm_batch_size: int = 128, momentum: float | None = 0.995,
-                 queue_size: int = 57600, alpha: float = 0.4, gather: bool = True, **kwargs: Any):
+                 queue_size: int = 57600, alpha: float = 0.4, gather: bool = True,
+                 itm_negatives: Literal["global", "local"] = "global", gather_backward: Literal["sum", "local"] = "sum",
+                 momentum_rule: MomentumRule = "ema", momentum_from_checkpoint: bool = False, **kwargs: Any):
         kwargs.setdefault("lr", 1e-5)
         kwargs.setdefault("weight_decay", 0.05)
         if k_test < 1 or itm_batch_size < 1:
@@ -90,6 +107,12 @@ class RetrievalModule(EvaluationLoop, TaskModule):
             raise ValueError(f"queue_size must be an int >= 0 (0: no queue), got {queue_size!r}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if itm_negatives not in ("global", "local"):
+            raise ValueError(f"itm_negatives must be 'global' or 'local', got {itm_negatives!r}")
+        if gather_backward not in ("sum", "local"):
+            raise ValueError(f"gather_backward must be 'sum' or 'local', got {gather_backward!r}")
+        if momentum_rule not in MOMENTUM_RULES:
+            raise ValueError(f"momentum_rule must be one of {MOMENTUM_RULES}, got {momentum_rule!r}")
         if alpha > 0 and momentum is None:
             raise ValueError(f"alpha={alpha} distils from the momentum encoders, but momentum=None: "
                              "pass alpha=0 (or a momentum)")
@@ -99,6 +122,9 @@ class RetrievalModule(EvaluationLoop, TaskModule):
         self.momentum = momentum
         self.alpha = float(alpha)
         self.gather = bool(gather)
+        self.itm_negatives = itm_negatives
+        self.gather_backward = gather_backward
+        self.momentum_rule = momentum_rule
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
         self.backbone_m: torch.nn.Module | None = None
         if momentum is not None:
@@ -106,6 +132,8 @@ class RetrievalModule(EvaluationLoop, TaskModule):
             # the momentum encoders copy the backbone's weights: they take its pruning masks by rule
             self.pruning_copies = {"backbone_m.": "backbone."}
         self.queue = FeatureQueue(queue_size, self._feature_dim()) if queue_size else None
+        if momentum_from_checkpoint:
+            start_from_checkpoint_(self.backbone, self.backbone_m, self.queue, self.hparams.get("backbone"))
 
     def _momentum_parts(self) -> tuple[str, ...]:
         if self.momentum_parts is not None:
@@ -172,13 +200,15 @@ class RetrievalModule(EvaluationLoop, TaskModule):
         def gather(t: torch.Tensor) -> torch.Tensor:  # the identity on one process or with gather=False
             return all_gather(t, sizes) if many else t
 
+        if many and self.gather_backward == "local":  # the XVLM authors' gradients: 1/world of the exact ones
+            image_feat, text_feat = scale_grad(image_feat, 1 / world_size()), scale_grad(text_feat, 1 / world_size())
         idx_all = gather(idx)
         image_feat_all, text_feat_all = gather(image_feat), gather(text_feat)  # with gradients
 
         # ----- ITC: local rows against the global batch's keys (+ the queue)
         if self.backbone_m is not None:
             with torch.no_grad():
-                momentum_update_(self.backbone_m, bb, float(self.momentum))
+                momentum_update_(self.backbone_m, bb, float(self.momentum), self.momentum_rule)
                 m = self.backbone_m
                 image_feat_m = m.image_features(m.encode_image(image))
                 text_feat_m = m.text_features(m.encode_text(input_ids, attention_mask))
@@ -211,8 +241,11 @@ class RetrievalModule(EvaluationLoop, TaskModule):
                 queued = tuple(all_gather(t.detach(), sizes_q) for t in queued)
             self.queue.enqueue(*queued)
 
-        # ----- ITM: hard negatives from the global batch, by the online similarities
-        if self.backbone_m is None and self.queue is None:
+        # ----- ITM: hard negatives from the global (or local) batch, by the online similarities
+        global_negatives = many and self.itm_negatives == "global"
+        if not global_negatives:  # negatives from this process's batch only
+            idx_all, text_feat_all, image_feat_all = idx, text_feat, image_feat
+        if self.backbone_m is None and self.queue is None and sim_i2t.size(1) == idx_all.numel():
             sample_i2t, sample_t2i = sim_i2t, sim_t2i  # the ITC similarities are those already
         else:
             with torch.no_grad():
@@ -221,7 +254,7 @@ class RetrievalModule(EvaluationLoop, TaskModule):
         enc_ids = self.grounded_ids(input_ids)
         same = idx.view(-1, 1) == idx_all.view(1, -1)
         candidates = None
-        if many:  # every rank's texts padded to the longest (padding is masked out), then gathered
+        if global_negatives:  # every rank's texts padded to the longest (padding is masked out), then gathered
             enc_ids, attention_mask = pad_length(enc_ids, length), pad_length(attention_mask, length)
             # the text states travel only to a backbone whose ITM reads them (XVLM's fusion); BLIP re-encodes
             if getattr(bb, "match_reads_text_states", True):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
@@ -16,6 +16,11 @@ from mflightning.tasks.distributed import dedupe, gather_objects
 TRAIN_KEYS = ("image", "question_input_ids", "question_attention_mask", "answer_input_ids",
               "answer_attention_mask", "answer_weights", "n_answers")
 EVAL_KEYS = ("image", "question_input_ids", "question_attention_mask", "question_id")
+#: How a ranked candidate answer is scored: its log-likelihood; minus its label-smoothed loss (the BLIP
+#: authors' decoder returns that loss); the log-likelihood plus the first token's log-probability again
+#: (the XVLM authors' ``rank_answer``).
+RankScore = Literal["log_likelihood", "smoothed_loss", "first_token_twice"]
+RANK_SCORES = ("log_likelihood", "smoothed_loss", "first_token_twice")
 
 
 def load_answer_list(answer_list: str | os.PathLike | Sequence[str]) -> list[str]:
@@ -46,23 +51,35 @@ class VQAModule(EvaluationLoop, TaskModule):
     states. Training: per answer LM loss (summed over its tokens, label smoothing
     ``label_smoothing``) times its weight, summed per question, averaged over the batch.
     Inference ranks ``answer_list``: the top ``k_test`` (capped) by first-token probability,
-    re-ranked by the answer's full log-likelihood. Predictions ``[{"question_id", "answer"}]`` are
-    written as JSON; VQA accuracy is logged when the eval batches carry ``answers``.
+    re-ranked by ``rank_score`` of each candidate ``answer + candidate_suffix``. Predictions
+    ``[{"question_id", "answer"}]`` are written as JSON; VQA accuracy is logged when the eval batches
+    carry ``answers``.
 
     ``answer_list``: JSON path or list; None uses the datamodule's ``answer_list`` attribute.
+    ``rank_score``: ``"log_likelihood"`` (sum of the candidate's token log-probabilities, the default);
+    ``"smoothed_loss"``: minus its LM loss with ``label_smoothing`` (the BLIP authors' ``rank_answer``:
+    their decoder's loss is label-smoothed); ``"first_token_twice"``: the log-likelihood plus the
+    first answer token's log-probability once more (the XVLM authors' ``rank_answer``).
+    ``candidate_suffix``: text appended to every candidate before tokenizing (the XVLM authors append
+    ``"[SEP]"``, so a candidate ends with two [SEP] tokens, like their training answers).
     """
 
     task = "vqa"
 
     def __init__(
         self, *args: Any, answer_list: str | list[str] | None = None, k_test: int = 128,
-        label_smoothing: float = 0.1, rank_batch_size: int = 1024, **kwargs: Any,
+        label_smoothing: float = 0.1, rank_batch_size: int = 1024, rank_score: RankScore = "log_likelihood",
+        candidate_suffix: str = "", **kwargs: Any,
     ):
         kwargs.setdefault("lr", 2e-5)
         kwargs.setdefault("weight_decay", 0.05)
         super().__init__(*args, **kwargs)
         if k_test < 1:
             raise ValueError(f"k_test must be >= 1, got {k_test}")
+        if rank_score not in RANK_SCORES:
+            raise ValueError(f"rank_score must be one of {RANK_SCORES}, got {rank_score!r}")
+        self.rank_score = rank_score
+        self.candidate_suffix = candidate_suffix
         self.answer_list = load_answer_list(answer_list) if answer_list is not None else None
         self.k_test = k_test
         self.label_smoothing = label_smoothing
@@ -109,7 +126,8 @@ class VQAModule(EvaluationLoop, TaskModule):
                 raise ValueError("VQAModule needs answer_list= (JSON path or list) or a datamodule with `answer_list`")
             self.answer_list = load_answer_list(source)
         if self._answer_tokens is None or self._answer_tokens[0].device != self.device:
-            tokens = self.tokenizer(self.answer_list, padding="longest", return_tensors="pt")
+            candidates = [answer + self.candidate_suffix for answer in self.answer_list]
+            tokens = self.tokenizer(candidates, padding="longest", return_tensors="pt")
             if tokens.input_ids.size(1) < 2:
                 raise ValueError("answer list tokenizes to no answer tokens")
             ids = self.decoder_ids(tokens.input_ids).to(self.device)
@@ -117,16 +135,18 @@ class VQAModule(EvaluationLoop, TaskModule):
         return self._answer_tokens
 
     @torch.no_grad()
-    def rank_answers(self, q_states: torch.Tensor, q_mask: torch.Tensor) -> torch.Tensor:
-        """Index into ``answer_list`` of each question's answer (first-token top-k, then full log-likelihood)."""
+    def answer_scores(self, q_states: torch.Tensor, q_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each question's top ``k_test`` candidates by first-token probability (indices into ``answer_list``,
+        ``(questions, k)``) and their ``rank_score`` (same shape)."""
         answer_ids, answer_mask = self._answers()
         n_questions, n_candidates = q_states.size(0), answer_ids.size(0)
         k = min(self.k_test, n_candidates)
         start = torch.full((n_questions, 1), self.dec_token_id, dtype=torch.long, device=q_states.device)
         first_logits = self.backbone.decode(start, torch.ones_like(start), q_states, q_mask)[:, 0].float()
         first_prob = first_logits.softmax(dim=-1)[:, answer_ids[:, 1]]  # (questions, candidates)
-        topk = first_prob.topk(k, dim=1).indices
-        log_likelihood = torch.empty(n_questions, k, device=q_states.device)
+        topk_prob, topk = first_prob.topk(k, dim=1)
+        smoothing = self.label_smoothing if self.rank_score == "smoothed_loss" else 0.0
+        scores = torch.empty(n_questions, k, device=q_states.device)
         per_chunk = max(1, self.rank_batch_size // k)
         for s in range(0, n_questions, per_chunk):
             rows = topk[s:s + per_chunk].reshape(-1)
@@ -135,10 +155,17 @@ class VQAModule(EvaluationLoop, TaskModule):
             mask = q_mask[s:s + per_chunk].repeat_interleave(k, dim=0)
             logits = self.backbone.decode(ids, att, states, mask)
             labels = ids.masked_fill(att == 0, -100)
-            nll = shifted_lm_loss(logits, labels, per_sequence=True)
-            log_likelihood[s:s + per_chunk] = -nll.view(-1, k)
-        best = log_likelihood.argmax(dim=1)
-        return topk[torch.arange(n_questions, device=topk.device), best]
+            nll = shifted_lm_loss(logits, labels, label_smoothing=smoothing, per_sequence=True)
+            scores[s:s + per_chunk] = -nll.view(-1, k)
+        if self.rank_score == "first_token_twice":
+            scores = scores + topk_prob.log()
+        return topk, scores
+
+    @torch.no_grad()
+    def rank_answers(self, q_states: torch.Tensor, q_mask: torch.Tensor) -> torch.Tensor:
+        """Index into ``answer_list`` of each question's answer (first-token top-k, then ``rank_score``)."""
+        topk, scores = self.answer_scores(q_states, q_mask)
+        return topk[torch.arange(topk.size(0), device=topk.device), scores.argmax(dim=1)]
 
     @torch.no_grad()
     def predict_answers(self, batch: Mapping[str, Any]) -> list[str]:

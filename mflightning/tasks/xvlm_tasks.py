@@ -20,7 +20,8 @@ import torch
 
 from mflightning.losses import mask_tokens  # noqa: F401  (importable from here as before)
 from mflightning.models.generation import beam_search  # noqa: F401
-from mflightning.models.xvlm import XVLMBackbone
+from mflightning.models.xvlm import DENSE_DECODER_PRESET, XVLMBackbone
+from mflightning.models.xvlm import PRESET_NAME as XVLM_PRESET
 from mflightning.tasks.base import TaskModule, load_tokenizer
 from mflightning.tasks.captioning import CaptioningModule
 from mflightning.tasks.optim import linear_warmup_lambda  # noqa: F401
@@ -56,7 +57,9 @@ class XVLMRetrievalModule(XVLMSettings, RetrievalModule):
     """XVLM image-text retrieval (COCO/Flickr protocol; authors: lr 3e-5, wd 0.01, 10 epochs).
 
     Training: ITC + ITM with hard negatives over the global batch (gathered across processes with
-    gradients, ``gather=True``; captions of one image are positives). XVLM trains without momentum
+    gradients, ``gather=True``; captions of one image are positives). The authors' code instead gives
+    the encoders 1/world of the exact ITC gradient and draws ITM negatives from each process's batch:
+    ``gather_backward="local", itm_negatives="local"`` (the paper recipe). XVLM trains without momentum
     encoders, queue or distillation (``momentum=None, queue_size=0, alpha=0``; each can be switched on,
     the momentum encoders copying the ITC encoders and projections). Evaluation: ITC similarities of all pairs; each
     query's top ``k_test`` re-scored by the ITM logit alone.
@@ -82,9 +85,26 @@ class XVLMCaptioningModule(XVLMSettings, CaptioningModule):
 
 class XVLMVQAModule(XVLMSettings, VQAModule):
     """XVLM generative VQA (VQA v2 protocol; authors: lr 5e-5, 10 epochs): question through the text and
-    fusion encoders, answers from ``backbone.text_decoder`` (added if absent: a copy of the fusion layers)."""
+    fusion encoders, answers from ``backbone.text_decoder`` (added if absent: a copy of the fusion layers).
+
+    ``inherit_decoder_masks``: True (default) gives the decoder the fusion layers' masks, so one mask file
+    makes the whole model sparse; False keeps it dense (preset ``xvlm_dense_decoder``: not pruned, not
+    counted), the authors' default (their ``vqa.py`` without ``--inherit_mask``: the copied pretrained
+    weights under masks of ones), which the paper's recipe uses.
+
+    The answer loss has no label smoothing, as the authors' decoder (``label_smoothing=0.0``).
+    """
 
     default_lr = 5e-5
+
+    def __init__(self, *args: Any, inherit_decoder_masks: bool = True, label_smoothing: float = 0.0, **kwargs: Any):
+        super().__init__(*args, label_smoothing=label_smoothing, **kwargs)
+        self.inherit_decoder_masks = bool(inherit_decoder_masks)
+        if not self.inherit_decoder_masks:
+            if self.pruning_preset != XVLM_PRESET:
+                raise ValueError(f"inherit_decoder_masks=False needs the {XVLM_PRESET!r} preset's layer names; the "
+                                 f"backbone's preset is {self.pruning_preset!r}")
+            self.pruning_preset = DENSE_DECODER_PRESET
 
 
 def build_xvlm_backbone(spec: Any, tokenizer: Any) -> XVLMBackbone:

@@ -3,6 +3,8 @@
 import json
 from types import SimpleNamespace
 
+from typing import Literal
+
 import pytest
 import torch
 
@@ -172,7 +174,8 @@ def test_caption_batches_prepend_the_prompt(tiny_world):
 
 def test_vqa_train_batches_weight_answers(tiny_world):
     dm = VQADataModule(tiny_world.vqa_train, tiny_world.vqa_test, tiny_world.answer_list,
-                       val_json=tiny_world.vqa_test, **_common(tiny_world), answer_max_length=6)
+                       val_json=tiny_world.vqa_test, **_common(tiny_world), answer_max_length=6,
+                       vg_answer_weight=None)  # VG weighted like VQA: count / answers (default: 0.5 each)
     dm.train_json = [tiny_world.vqa_train, tiny_world.vg_train]
     dm.setup("fit")
     dataset = dm.dataset("train")
@@ -301,8 +304,9 @@ def test_calibration_settings_are_checked_and_named():
 
 # The shared arguments of VLDataModule, which the task datamodules take through **kwargs.
 SHARED = {"tokenizer": str, "image_size": int, "batch_size": int, "eval_batch_size": int | None, "num_workers": int,
-          "max_length": int, "skip_bad_records": bool, "augment": bool, "hflip": bool,
-          "crop_scale": tuple[float, float], "seed": int, "calibration.json": str | list[str] | None,
+          "max_length": int, "skip_bad_records": bool, "augment": bool | Literal["torchvision", "authors"],
+          "hflip": bool, "crop_scale": tuple[float, float], "seed": int,
+          "text_cleaning": Literal["blip", "authors"], "calibration.json": str | list[str] | None,
           "calibration.image_root": str | None, "calibration.image_size": int, "calibration.batch_size": int,
           "calibration.max_length": int, "calibration.crop_scale": tuple[float, float]}
 
@@ -311,7 +315,7 @@ SHARED = {"tokenizer": str, "image_size": int, "batch_size": int, "eval_batch_si
     (RetrievalDataModule, {"train_json": 35, "val_json": 35, "test_json": 35, "image_root": "."}),
     (CaptionDataModule, {"train_json": 40, "prompt": "a picture of ", "image_root": "."}),
     (VQADataModule, {"train_json": 35, "test_json": 35, "val_json": 35, "answer_list_json": None,
-                     "answer_max_length": 10, "vg_answer_weight": None}),
+                     "answer_max_length": 10, "vg_answer_weight": 0.5}),
 ])
 def test_recipes_see_every_argument_with_its_type(cls, own):
     """jsonargparse (LightningCLI, `mflightning check`) follows **kwargs to VLDataModule's typed arguments."""
@@ -335,7 +339,8 @@ def test_calibration_recipes_see_their_own_arguments_only():
     parser.add_class_arguments(CalibrationDataModule, "data")
     actions = {a.dest[len("data."):]: a for a in parser._actions if a.dest.startswith("data.")}
     assert set(actions) == {"calibration_json", "image_root", "image_size", "batch_size", "max_length", "crop_scale",
-                            "pair_sources", "add_sep", "tokenizer", "num_workers", "skip_bad_records", "augment", "hflip", "seed"}
+                            "pair_sources", "add_sep", "tokenizer", "num_workers", "skip_bad_records", "augment", "hflip",
+                            "seed", "text_cleaning"}
     assert (actions["image_size"].default, actions["max_length"].default, actions["crop_scale"].default) == \
         (224, 30, (0.2, 1.0))
     assert actions["tokenizer"]._typehint is str and actions["seed"]._typehint is int

@@ -149,3 +149,31 @@ def test_check_tokenizer_names_the_disagreeing_token(tmp_path):
     wrong = BlipBackbone(tiny_config(len(tokenizer) + 2))
     with pytest.raises(ValueError, match=r"\[DEC\]"):
         wrong.check_tokenizer(tokenizer)
+
+
+def test_vit_drop_path_is_timms_stochastic_depth_per_branch():
+    """BLIP's ViT (timm DropPath): layer i drops each residual branch per sample with linspace(0, rate, depth)[i],
+    kept samples scaled by 1/(1-p); recomputed here by hand from the layer's own modules under the same seed."""
+    config = tiny_config(VOCAB, num_layers=3)
+    config.vision_config.drop_path_rate = 0.5
+    model = BlipBackbone(config)
+    layers = model.vision_model.encoder.layers
+    assert [layer.self_attn._mfl_drop_path for layer in layers] == [0.0, 0.25, 0.5]
+    layer, x = layers[2].train(), torch.randn(64, 5, 32)
+    torch.manual_seed(1)
+    out = layer(x)
+    layer.eval()  # the branches without drop path (the hooks act in training mode only; no other dropout here)
+    attn = layer.self_attn(layer.layer_norm1(x))[0]
+    torch.manual_seed(1)
+    keep = 0.5
+    h = x + attn * torch.empty(64, 1, 1).bernoulli_(keep) / keep
+    expected = h + layer.mlp(layer.layer_norm2(h)) * torch.empty(64, 1, 1).bernoulli_(keep) / keep
+    assert torch.allclose(out, expected, atol=1e-6)
+    dropped = torch.isclose(out, x).all(dim=(1, 2))  # both branches dropped: the input passes as is
+    assert 0 < int(dropped.sum()) < 64
+    dense = x + attn + layer.mlp(layer.layer_norm2(x + attn))
+    assert torch.allclose(layer(x), dense, atol=1e-6)  # evaluation: no drop, no scaling
+    model.set_drop_path_(0.0)
+    assert torch.allclose(layer.train()(x), dense, atol=1e-6)
+    reloaded = BlipBackbone(BlipBackbone(config).config)  # the rate is part of the config (saved with it)
+    assert reloaded.vision_model.encoder.layers[2].mlp._mfl_drop_path == 0.5

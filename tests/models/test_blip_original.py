@@ -456,6 +456,64 @@ def test_a_checkpoint_spec_dict_loads_the_file_at_the_task_resolution(pretrainin
         BlipBackbone.from_spec({"checkpoint": str(path), "strict": False}, _Tokenizer())
 
 
+def test_text_dropout_is_the_authors_med_config_when_the_config_is_inferred():
+    """configs/blip/med_config.json: hidden and attention dropout 0.1 in every text encoder/decoder layer;
+    the original ViT has none (drop_rate=attn_drop_rate=0)."""
+    cfg = infer_blip_config(fake_original(768, 2, 224, text_depth=2), "model_base.pth")
+    with torch.device("meta"):
+        model = BlipBackbone(cfg)
+    text = [m.p for part in (model.text_encoder, model.text_decoder) for m in part.modules() if isinstance(m, torch.nn.Dropout)]
+    # per layer: self-attention probs + output, cross-attention probs + output, FFN output; plus the embeddings
+    assert len(text) == 2 * (1 + 2 * 5) and set(text) == {0.1}
+    vision = [m.p for m in model.vision_model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert set(vision) <= {0.0}
+    assert model.config.vision_config.drop_path_rate == 0.0  # ... and no stochastic depth unless asked for (VQA)
+
+
+def test_the_checkpoint_spec_sets_the_vits_drop_path(pretraining):
+    """`backbone: {checkpoint: ..., drop_path_rate: 0.1}` (the VQA recipes): BLIP's create_vit(drop_path_rate=0.1)."""
+    path, _ = pretraining
+    spec = BlipBackbone.from_spec({"checkpoint": str(path), "config": config().to_dict(), "drop_path_rate": 0.1},
+                                  _Tokenizer())
+    assert [layer.mlp._mfl_drop_path for layer in spec.vision_model.encoder.layers] == [0.0, pytest.approx(0.1)]
+    assert spec.config.vision_config.drop_path_rate == pytest.approx(0.1)
+
+
+def test_retrieval_starts_its_momentum_encoders_and_queue_from_the_pretraining_file(pretraining, tmp_path):
+    """The authors' load_checkpoint fills BLIPRetrieval's visual_encoder_m/text_encoder_m/*_proj_m and its
+    image/text queues from model_base*.pth; their idx_queue stays -100 (no queued feature is a positive)."""
+    from mflightning.tasks import RetrievalModule
+
+    path, _ = pretraining
+    original = torch.load(path, weights_only=True)["model"]
+    spec = {"checkpoint": str(path), "config": config().to_dict(), "image_size": 48}
+    module = RetrievalModule(backbone=spec, tokenizer=_Tokenizer(), queue_size=QUEUE, momentum_from_checkpoint=True)
+    m, online = module.backbone_m, module.backbone
+    assert torch.equal(m.text_encoder.encoder.layer[1].crossattention.self.key.weight,
+                       original["text_encoder_m.encoder.layer.1.crossattention.self.key.weight"])
+    assert torch.equal(m.vision_model.encoder.layers[0].self_attn.qkv.weight,
+                       original["visual_encoder_m.blocks.0.attn.qkv.weight"])
+    assert torch.equal(m.vision_proj.weight, original["vision_proj_m.weight"])
+    assert torch.allclose(m.text_proj.weight, online.text_proj.weight + 0.01)  # not the online copy
+    # 32 -> 48 px: the file's momentum position table (online + 0.01) resized as the online one (bicubic weights
+    # sum to 1, so the offset stays)
+    assert m.vision_model.embeddings.position_embedding.shape == (1, 1 + 36, 32)
+    assert torch.allclose(m.vision_model.embeddings.position_embedding,
+                          online.vision_model.embeddings.position_embedding + 0.01, atol=1e-5)
+    q = module.queue
+    assert torch.equal(q.image_feat, original["image_queue"].t()) and torch.equal(q.text_feat, original["text_queue"].t())
+    assert q.image_idx.tolist() == [-1] * QUEUE and int(q.ptr) == 0
+    with pytest.raises(ValueError, match=r"image queue of shape \(6, 16\).*size 8.*queue_size=6"):
+        RetrievalModule(backbone=spec, tokenizer=_Tokenizer(), queue_size=8, momentum_from_checkpoint=True)
+    vqa = {k: v for k, v in original.items() if not k.endswith("_queue") and "_m." not in k}
+    write(tmp_path / "vqa.pth", vqa)
+    with pytest.raises(ValueError, match=r"vqa.pth: a .*checkpoint without momentum encoders"):
+        RetrievalModule(backbone={**spec, "checkpoint": str(tmp_path / "vqa.pth")}, tokenizer=_Tokenizer(),
+                        queue_size=QUEUE, momentum_from_checkpoint=True)
+    with pytest.raises(ValueError, match=r"needs momentum encoders"):
+        RetrievalModule(backbone=spec, tokenizer=_Tokenizer(), momentum=None, alpha=0.0, momentum_from_checkpoint=True)
+
+
 # ----------------------------------------------------------------------------- files the MULTIFLOW code writes
 @pytest.mark.parametrize("kind", ["pretraining", "vqa"])
 def test_multiflow_code_files_keep_the_lm_head_bias_only_as_decoder_bias(tmp_path, kind):

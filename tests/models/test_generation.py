@@ -49,3 +49,27 @@ def test_repetition_penalty_matches_transformers_and_steers_the_search():
     assert beam_search(step, prompt, 1, 1, 6, eos, repetition_penalty=2.0) == [[1, 2]]
     with pytest.raises(ValueError, match="repetition_penalty must be positive"):
         beam_search(step, prompt, 1, 1, 6, eos, repetition_penalty=0.0)
+
+
+def test_length_normalisation_as_transformers_5_or_4_31():
+    """Prompt of 3 tokens. A = [1] eos, log-probability log(.5 * .5) = -1.386; B = [2, 1, 1] eos, log(.5 * .9 * .9
+    * .25) = -2.290. By generated tokens with eos (transformers 5): A -1.386 / 2 = -0.693 < B -2.290 / 4 = -0.573,
+    B wins; by prompt + generated tokens without eos (4.31): A -1.386 / 4 = -0.347 > B -2.290 / 6 = -0.382, A wins.
+    Every other continuation is uniform over {1, 2, eos} and scores lower under both."""
+    eos, prompt = 3, torch.zeros(1, 3, dtype=torch.long)
+    uniform = {1: 1 / 3, 2: 1 / 3, eos: 1 / 3}
+    table = {(): {1: 0.5, 2: 0.5}, (1,): {eos: 0.5, 2: 0.5}, (2,): {1: 0.9, eos: 0.1}, (2, 1): {1: 0.9, eos: 0.1},
+             (2, 1, 1): {eos: 0.25, 1: 0.375, 2: 0.375}}
+
+    def step(seqs):
+        out = torch.full((seqs.size(0), 4), -1e9)
+        for row, seq in enumerate(seqs.tolist()):
+            for token, p in table.get(tuple(seq[3:]), uniform).items():
+                out[row, token] = math.log(p)
+        return out
+
+    assert beam_search(step, prompt, 3, 1, 10, eos) == [[2, 1, 1]]
+    assert beam_search(step, prompt, 3, 1, 10, eos, length_normalisation="generated") == [[2, 1, 1]]
+    assert beam_search(step, prompt, 3, 1, 10, eos, length_normalisation="sequence") == [[1]]
+    with pytest.raises(ValueError, match="length_normalisation"):
+        beam_search(step, prompt, 3, 1, 10, eos, length_normalisation="tokens")

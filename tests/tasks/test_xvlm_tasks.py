@@ -100,3 +100,69 @@ def test_xvlm_retrieval_reranks_by_itm_alone_and_the_holder_has_no_task(tokenize
     holder = XVLMTaskModule(backbone=XVLM.config, tokenizer=tokenizer)
     assert holder.unused_parts == () and all(p.requires_grad for p in holder.parameters())
     assert holder.pruning_preset == "xvlm" and holder.lr == 3e-5
+
+
+def test_vqa_decoder_is_dense_unless_it_inherits_the_fusion_masks(tokenizer):
+    """The authors' vqa.py without --inherit_mask loads masks of ones into every text_decoder layer (the copied
+    pretrained fusion weights train dense); with it, the decoder takes the fusion layers' masks."""
+    import copy
+
+    import mflightning
+    from task_fixtures import calibration_batch
+
+    torch.manual_seed(0)
+    backbone = XVLMBackbone(tiny_config(len(tokenizer), num_text_layers=1, num_fusion_layers=2))
+    result = mflightning.prune(backbone, sparsity=0.6, calibration=[calibration_batch(tokenizer, n=4, seed=1)])
+    dec, fus = "backbone.text_decoder.layer.2.crossattention.self.query.weight", "backbone.fusion_encoder.layer.2.crossattention.self.query.weight"
+    for inherit in (True, False):
+        module = XVLMVQAModule(backbone=copy.deepcopy(backbone), tokenizer=tokenizer, answer_list=ANSWERS,
+                               inherit_decoder_masks=inherit)
+        params = dict(module.named_parameters())
+        before = params[dec].detach().clone()
+        masks = result.apply(module)  # what MultiFlowCallback(masks=file) does at fit start
+        assert not params[fus][~masks[fus]].any()
+        if inherit:
+            assert torch.equal(masks[dec], masks[fus]) and not params[dec][~masks[dec]].any()
+        else:
+            assert not any(".text_decoder." in n for n in masks) and torch.equal(params[dec], before)
+            assert before.ne(0).all()  # the dense pretrained fusion weights, as copied
+            # calibrating the module itself leaves the decoder out too
+            own = mflightning.prune(module, sparsity=0.5, calibration=[calibration_batch(tokenizer, n=4, seed=2)],
+                                    forward=lambda m, batch: m.calibration_step(batch))
+            assert own.masks and not any(".text_decoder." in n for n in own.masks)
+    with pytest.raises(ValueError, match="inherit_decoder_masks=False needs the 'xvlm' preset"):
+        XVLMVQAModule(backbone=BLIP.module("retrieval", tokenizer).backbone, tokenizer=tokenizer, answer_list=ANSWERS,
+                      inherit_decoder_masks=False)
+
+
+def test_captioning_pretraining_stage_hands_its_sparse_backbone_to_the_captioning_stage(tmp_path, tokenizer):
+    """recipes/xvlm/captioning_pretrain.yaml: LM without prompt or label smoothing under the masks, the backbone
+    saved at the end (SaveBackbone), which the captioning module loads (their --load_capt_pretrain)."""
+    import lightning.pytorch as pl
+
+    import mflightning
+    from task_fixtures import calibration_batch, caption_loaders, trainer_kwargs
+    from mflightning.tasks import XVLMCaptioningModule
+    from mflightning.tasks.save_backbone import SaveBackbone
+
+    torch.manual_seed(0)
+    backbone = XVLMBackbone(tiny_config(len(tokenizer), num_text_layers=1, num_fusion_layers=1))
+    result = mflightning.prune(backbone, sparsity=0.5, calibration=[calibration_batch(tokenizer, n=4, seed=1)])
+    masks = result.save(tmp_path / "masks.safetensors")
+    backbone.save_pretrained(tmp_path / "pretrained")
+    stage1 = XVLMCaptioningModule(backbone=str(tmp_path / "pretrained"), tokenizer=tokenizer, prompt="",
+                                  label_smoothing=0.0, lr=1e-2, meteor=False)
+    assert stage1.prompt_length == 1  # only [CLS] out of the loss: every caption token is predicted
+    before = {n: p.detach().clone() for n, p in stage1.backbone.named_parameters()}
+    train, _ = caption_loaders(tokenizer, prompt="")
+    out = tmp_path / "capt_pretrain"
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[mflightning.MultiFlowCallback(masks=str(masks)),
+                                                     SaveBackbone(str(out))])).fit(stage1, train)
+    stage2 = XVLMCaptioningModule(backbone={"checkpoint": str(out), "image_size": 48}, tokenizer=tokenizer,
+                                  meteor=False)
+    trained, loaded = dict(stage1.backbone.named_parameters()), dict(stage2.backbone.named_parameters())
+    name = "fusion_encoder.layer.1.crossattention.self.query.weight"
+    assert torch.equal(loaded[name], trained[name]) and not torch.equal(loaded[name], before[name])
+    kept = result.masks[name]
+    assert not loaded[name][~kept].any() and loaded[name][kept].ne(0).all()  # sparse as the mask file says
+    assert stage2.backbone.image_size == 48
