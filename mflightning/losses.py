@@ -44,8 +44,11 @@ def itc_loss(
 
 
 def itc_similarity(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
-    """Image-to-text similarities over the temperature, in fp32."""
-    return image_feat.float() @ text_feat.float().t() / temp.float()
+    """Image-to-text similarities over the temperature, in fp32.
+
+    The division keeps a copy of the temperature, so a later in-place clamp (the next ITC loss of a paired
+    calibration batch, before one backward over both) does not invalidate this graph."""
+    return image_feat.float() @ text_feat.float().t() / temp.float().clone()
 
 
 def itc_from_similarity(sim_i2t: torch.Tensor, image_idx: torch.Tensor, text_image_idx: torch.Tensor) -> torch.Tensor:

@@ -91,9 +91,11 @@ class PretrainModule(BlipTaskModule):
 
 
 class XVLMPretrainModule(XVLMTaskModule):
-    """XVLM pretraining on image-caption batches: its `pruning_loss` (ITC + ITM + MLM) is the training loss.
+    """XVLM pretraining on image-caption batches: the sum of every ``pretraining_losses`` term (ITC + ITM +
+    MLM + caption LM, + the decoder's LM if any) is the training loss.
 
-    Arguments as ``XVLMTaskModule``; it also serves as the holder of the SNIP loss of an XVLM backbone.
+    Arguments as ``XVLMTaskModule``; it also serves as the holder of the SNIP loss of an XVLM backbone
+    (``pruning_loss``: ITC + ITM + MLM only, as the MULTIFLOW code).
     """
 
     @classmethod
@@ -103,7 +105,7 @@ class XVLMPretrainModule(XVLMTaskModule):
                    weight_decay=config.weight_decay)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.pruning_loss(batch)
+        loss = sum(self.pretraining_losses(batch).values())
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].size(0))
         return loss
 

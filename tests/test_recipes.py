@@ -67,7 +67,13 @@ def test_pruning_recipes_select_their_method(model, stem):
         assert "data" not in data  # data-free
     else:
         assert data["data"]["class_path"] == "mflightning.data.CalibrationDataModule"
-        assert data["data"]["init_args"]["max_length"] == (30 if model == "blip" else 40)  # their loaders' max_tokens
+        # the MULTIFLOW code's calibration: 3000 steps of 32 CC3M + 32 VG captions, per-model texts, fp32
+        init = data["data"]["init_args"]
+        assert init["pair_sources"] is True and init["batch_size"] == 32 and len(init["calibration_json"]) == 2
+        texts = (init["max_length"], init.get("add_sep", True))
+        assert texts == ((30, True) if model == "blip" else (40, False))
+        assert pruning["num_batches"] == 3000
+    assert data["precision"] == "32-true"
     if method == "itersnip":
         assert (pruning["rounds"], pruning["num_batches"]) == (60, 3000)
 

@@ -288,6 +288,15 @@ MUTANTS: tuple[Mutant, ...] = (
            "    tokenizer.cls_token = tokenizer.convert_ids_to_tokens(backbone.enc_token_id)", "    pass",
            "the exported VQA processor starts questions with [CLS], not BLIP's [ENC]",
            tests=("tests/test_export_transformers.py",)),
+    # ---------------------------------------------------------------- the authors' pruning pipeline (issue 21)
+    Mutant("shared-weight-every-call", TG,
+           '(shared.modules if shared_weight_inputs == "every_module" else shared.shared_by).append(module)',
+           "shared.modules.append(module)",
+           "a weight shared by several modules (tied BLIP) accumulates the decoder's calls too",
+           tests=("tests/pruning/test_shared_weights.py",)),
+    Mutant("alias-bias-skipped", "mflightning/models/state.py", "            folded[first] = value",
+           "            pass", "an LM-head bias a file holds only as decoder.bias stays at its initial value",
+           tests=("tests/models/test_blip_original.py", "tests/models/test_xvlm_checkpoints.py", "-k", "multiflow_code")),
 )
 
 

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .datasets import ImageTextCollate, ImageTextDataset
+from .datasets import ImageTextCollate, ImageTextDataset, PairedCollate, PairedSteps
 from .tokenizer import build_tokenizer
 from .cleaning import TextCleaning, text_cleaner
 from .transforms import CALIBRATION_CROP_SCALE, TASK_CROP_SCALE, Augment, build_test_transform, build_train_transform
@@ -96,6 +96,11 @@ class CalibrationConfig:
         batch_size: images per calibration batch.
         max_length: caption tokens per row (padded or truncated).
         crop_scale: RandomResizedCrop scale range of the calibration images.
+        pair_sources: each record file of `json` is one source, and every calibration batch is one step
+            holding `batch_size` rows of each source (the MULTIFLOW code: 32 CC3M + 32 Visual Genome rows
+            per step), concatenated, with `segments` giving each part's size; each source has its own
+            seeded order and the shortest one ends the loader. False: one shuffled list of all records.
+        add_sep: texts end with [SEP] (BLIP); False: [CLS] and up to `max_length - 1` tokens, no [SEP] (XVLM).
     """
 
     json: JsonArg = None
@@ -104,6 +109,8 @@ class CalibrationConfig:
     batch_size: int = 32
     max_length: int = 30
     crop_scale: tuple[float, float] = CALIBRATION_CROP_SCALE
+    pair_sources: bool = False
+    add_sep: bool = True
 
     def __post_init__(self) -> None:
         check_positive(**{f"calibration.{name}": getattr(self, name)
@@ -221,10 +228,19 @@ class VLDataModule(L.LightningDataModule):
                 f"{type(self).__name__} has no calibration data: set calibration.json to image-caption records "
                 "(recipe key data.calibration.json)"
             )
+        if config.pair_sources:
+            files = [config.json] if isinstance(config.json, str) else list(config.json)
+            sources = [self._calibration_records(path, self.seed + k) for k, path in enumerate(files)]
+            return PairedSteps(sources, config.batch_size, seed=self.seed)
+        return self._calibration_records(config.json, self.seed)
+
+    def _calibration_records(self, json_paths: JsonArg, augment_seed: int) -> ImageTextDataset:
+        """Image-caption items of calibration record file(s), with the calibration transform."""
+        config = self.calibration
         transform = build_train_transform(config.image_size, config.crop_scale, self.augment, self.hflip)
         image_root = os.fspath(config.image_root or self.image_root)
         # crops seeded per item: the same masks from the same calibration data, whatever ran before
-        return ImageTextDataset(config.json, image_root, transform, self.skip_bad_records, augment_seed=self.seed,
+        return ImageTextDataset(json_paths, image_root, transform, self.skip_bad_records, augment_seed=augment_seed,
                                 clean=self.cleaner("calibration"))
 
     def _records(self, split: str) -> JsonArg:
@@ -269,10 +285,16 @@ class VLDataModule(L.LightningDataModule):
         return self._loader(dataset, self.eval_batch_size, collate, shuffle=False, sampler=sampler)
 
     def calibration_dataloader(self, num_replicas: int = 1, rank: int = 0) -> DataLoader:
-        """Calibration batches (image, input_ids, attention_mask): seeded shuffled order, no padding shards."""
+        """Calibration batches (image, input_ids, attention_mask): seeded shuffled order, no padding shards.
+
+        With `calibration.pair_sources` a batch is one step of every source (+ `segments`), steps sharded
+        round-robin over processes."""
         dataset = self.dataset("calibration")
+        collate = ImageTextCollate(self.tokenizer, self.calibration.max_length, add_sep=self.calibration.add_sep)
+        if isinstance(dataset, PairedSteps):  # each item is already a step: its sources shuffled within
+            sampler = ShardSampler(len(dataset), shuffle=False, num_replicas=num_replicas, rank=rank)
+            return self._loader(dataset, None, PairedCollate(collate), sampler=sampler)
         sampler = ShardSampler(len(dataset), shuffle=True, seed=self.seed, num_replicas=num_replicas, rank=rank)
-        collate = ImageTextCollate(self.tokenizer, self.calibration.max_length)
         return self._loader(dataset, self.calibration.batch_size, collate, sampler=sampler)
 
 

@@ -54,19 +54,26 @@ class CalibrationDataModule(VLDataModule):
         batch_size: images per batch (calibration and pretraining).
         max_length: caption tokens per row (padded or truncated).
         crop_scale: RandomResizedCrop scale range of the images.
+        pair_sources: calibration batches are steps of `batch_size` rows from each record file (the MULTIFLOW
+            code's CC3M + VG pairs; `CalibrationConfig.pair_sources`); pretraining batches are not paired.
+        add_sep: calibration texts end with [SEP] (BLIP); False: [CLS] + up to max_length - 1 tokens (XVLM).
         **kwargs: tokenizer, num_workers, skip_bad_records, augment, hflip, seed (as `VLDataModule`).
     """
 
     derived_arguments = ("eval_batch_size", "calibration")
 
     def __init__(self, calibration_json: str | list[str], image_root: str, image_size: int = 224, batch_size: int = 32,
-                 max_length: int = 30, crop_scale: tuple[float, float] = CALIBRATION_CROP_SCALE, **kwargs: Any):
-        calibration = CalibrationConfig(calibration_json, image_root, image_size, batch_size, max_length, crop_scale)
+                 max_length: int = 30, crop_scale: tuple[float, float] = CALIBRATION_CROP_SCALE,
+                 pair_sources: bool = False, add_sep: bool = True, **kwargs: Any):
+        calibration = CalibrationConfig(calibration_json, image_root, image_size, batch_size, max_length, crop_scale,
+                                        pair_sources, add_sep)
         super().__init__(image_root, image_size=image_size, batch_size=batch_size, eval_batch_size=None,
                          max_length=max_length, crop_scale=crop_scale, calibration=calibration, **kwargs)
 
     def _build_dataset(self, split: str) -> Dataset:
         if split == "train":
+            if self.calibration.pair_sources:  # pretraining reads one shuffled list of all records
+                return self._calibration_records(self.calibration.json, self.seed)
             return self.dataset("calibration")
         return super()._build_dataset(split)
 

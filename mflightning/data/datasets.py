@@ -231,10 +231,23 @@ class VQADataset(_ImageDataset):
         return item
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[CLS] text [SEP]` ids and attention mask, padded/truncated to max_length, as long tensors."""
-    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    return encoded["input_ids"].long(), encoded["attention_mask"].long()
+def tokenize(tokenizer, texts: list[str], max_length: int, add_sep: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[CLS] text [SEP]` ids and attention mask, padded/truncated to max_length, as long tensors.
+
+    `add_sep=False`: `[CLS]` and up to `max_length - 1` text tokens, no `[SEP]` (the XVLM code's
+    pretraining texts, which the MULTIFLOW code calibrates XVLM on).
+    """
+    if add_sep:
+        encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        return encoded["input_ids"].long(), encoded["attention_mask"].long()
+    pieces = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length - 1)["input_ids"]
+    input_ids = torch.full((len(texts), max_length), int(tokenizer.pad_token_id), dtype=torch.long)
+    attention_mask = torch.zeros(len(texts), max_length, dtype=torch.long)
+    for row, ids in enumerate(pieces):
+        tokens = [tokenizer.cls_token_id, *ids]
+        input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        attention_mask[row, : len(tokens)] = 1
+    return input_ids, attention_mask
 
 
 def _present(items: list[dict | None]) -> list[dict]:
@@ -246,19 +259,64 @@ def _present(items: list[dict | None]) -> list[dict]:
 
 
 class ImageTextCollate:
-    """Batch: image, input_ids, attention_mask (+ image_idx when `with_image_idx`)."""
+    """Batch: image, input_ids, attention_mask (+ image_idx when `with_image_idx`); `add_sep` as `tokenize`."""
 
-    def __init__(self, tokenizer, max_length: int, with_image_idx: bool = False):
+    def __init__(self, tokenizer, max_length: int, with_image_idx: bool = False, add_sep: bool = True):
         self.tokenizer, self.max_length, self.with_image_idx = tokenizer, max_length, with_image_idx
+        self.add_sep = add_sep
 
     def __call__(self, items: list[dict | None]) -> dict[str, Any]:
         items = _present(items)
-        input_ids, attention_mask = tokenize(self.tokenizer, [i["text"] for i in items], self.max_length)
+        input_ids, attention_mask = tokenize(self.tokenizer, [i["text"] for i in items], self.max_length, self.add_sep)
         batch = {"image": torch.stack([i["image"] for i in items]),
                  "input_ids": input_ids, "attention_mask": attention_mask}
         if self.with_image_idx:
             batch["image_idx"] = torch.tensor([i["image_idx"] for i in items], dtype=torch.long)
         return batch
+
+
+class PairedSteps(Dataset):
+    """Calibration steps over several sources (e.g. CC3M and Visual Genome), as the MULTIFLOW code pairs them:
+    step s holds batch s of every source, each source in its own seeded shuffled order.
+
+    Source k is shuffled with seed `seed + k`; there are as many steps as the shortest source has batches
+    (its last one may be partial), like Lightning's `CombinedLoader(mode="min_size")` over one loader per
+    source. An item is the list, per source, of that source's items of the step (`PairedCollate` batches it).
+    """
+
+    def __init__(self, sources: Sequence[Dataset], batch_size: int, seed: int = 0):
+        if len(sources) < 2:
+            raise ValueError(f"paired calibration needs at least two sources (record files), got {len(sources)}")
+        empty = [k for k, source in enumerate(sources) if len(source) == 0]
+        if empty:
+            raise ValueError(f"paired calibration: source(s) {empty} hold no records")
+        self.sources, self.batch_size = list(sources), batch_size
+        self.orders = [torch.randperm(len(source), generator=torch.Generator().manual_seed(seed + k)).tolist()
+                       for k, source in enumerate(self.sources)]
+        self.num_steps = min(-(-len(source) // batch_size) for source in self.sources)
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def __getitem__(self, step: int) -> list[list[dict | None]]:
+        if not 0 <= step < self.num_steps:
+            raise IndexError(f"step {step} outside 0..{self.num_steps - 1}")
+        window = slice(step * self.batch_size, (step + 1) * self.batch_size)
+        return [[source[i] for i in order[window]] for source, order in zip(self.sources, self.orders)]
+
+
+class PairedCollate:
+    """One batch per calibration step: each source's batch (`collate`), concatenated in source order, with
+    `segments` = the row count of each source's part (its pruning loss is taken per part)."""
+
+    def __init__(self, collate: Callable[[list[dict | None]], dict[str, Any]]):
+        self.collate = collate
+
+    def __call__(self, parts: list[list[dict | None]]) -> dict[str, Any]:
+        batches = [self.collate(items) for items in parts]
+        paired = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+        paired["segments"] = [int(b["input_ids"].size(0)) for b in batches]
+        return paired
 
 
 class RetrievalEvalCollate:

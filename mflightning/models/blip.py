@@ -123,6 +123,7 @@ class BlipBackbone(nn.Module):
     """
 
     pruning_preset = PRESET_NAME
+    pruning_loss_terms = ("itc", "itm", "lm")  # the MULTIFLOW code's SNIP loss: BLIP pretraining's three
     match_reads_text_states = False  # ITM re-encodes the text with cross-attention: no states to gather
 
     def __init__(
@@ -174,12 +175,14 @@ class BlipBackbone(nn.Module):
         return bool(getattr(self.config, "tie_decoder", False))
 
     def tie_decoder_(self) -> "BlipBackbone":
-        """Share the decoder's cross-attention and FFN modules with the encoder (BLIP pretraining layout).
+        """Share the decoder's cross-attention and FFN weights with the encoder (BLIP pretraining layout).
 
-        The decoder's own copies are dropped (the encoder's weights win). Shared weights appear once,
-        under ``text_encoder.`` names, and calibration statistics accumulate the encoder's and the
-        decoder's calls: masks computed on a tied backbone hold the encoder's layers only, and an untied
-        task module's decoder inherits them through the ``blip`` preset.
+        As BLIP's ``tie_encoder_decoder_weights``, the decoder keeps its own modules, which apply the
+        encoder's parameters (its own values are dropped: the encoder's weights win). Shared weights
+        appear once, under ``text_encoder.`` names, and their calibration statistics come from the
+        encoder's calls only (the module under the first name, as the MULTIFLOW code): masks computed
+        on a tied backbone hold the encoder's layers only, and an untied task module's decoder inherits
+        them through the ``blip`` preset.
         """
         encoder_layers = self.text_encoder.encoder.layer
         decoder_layers = self.text_decoder.bert.encoder.layer
@@ -187,17 +190,22 @@ class BlipBackbone(nn.Module):
             raise ValueError(f"cannot tie: encoder has {len(encoder_layers)} layers, decoder {len(decoder_layers)}")
         for enc, dec in zip(encoder_layers, decoder_layers):
             for part in TIED_PARTS:
-                setattr(dec, part, getattr(enc, part))
+                enc_modules = dict(getattr(enc, part).named_modules())
+                for name, module in getattr(dec, part).named_modules():
+                    for key, _ in list(module.named_parameters(recurse=False)):
+                        setattr(module, key, getattr(enc_modules[name], key))
         self.config.tie_decoder = True
         return self
 
     def untie_decoder_(self) -> "BlipBackbone":
-        """Give the decoder its own copies of the shared modules (BLIP fine-tuning layout); no-op if untied."""
+        """Give the decoder its own copies of the shared weights (BLIP fine-tuning layout); no-op if untied."""
         if not self.decoder_tied:
             return self
         for dec in self.text_decoder.bert.encoder.layer:
             for part in TIED_PARTS:
-                setattr(dec, part, copy.deepcopy(getattr(dec, part)))
+                for module in getattr(dec, part).modules():
+                    for key, param in list(module.named_parameters(recurse=False)):
+                        setattr(module, key, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
         self.config.tie_decoder = False
         return self
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from transformers import BlipConfig
 
-from mflightning.models.state import dedupe_aliases, resize_position_embeddings
+from mflightning.models.state import dedupe_aliases, fold_aliases, resize_position_embeddings
 
 if TYPE_CHECKING:
     from mflightning.models.blip import BlipBackbone
@@ -146,11 +146,14 @@ def load_mapped(model: torch.nn.Module, state: Mapping[str, torch.Tensor], sourc
                 components: tuple[str, ...]) -> set[str]:
     """Copy checkpoint tensors into same-named parameters/buffers; returns the names loaded.
 
-    Tied aliases (the LM head's decoder weight/bias) and the non-persistent ``position_ids``
-    buffers are accepted and skipped; any other key that does not map is an error.
+    A tied alias (the LM head's decoder weight/bias) is loaded under the first name of its tensor when
+    the file lacks that name, and must equal it otherwise (``state.fold_aliases``); the non-persistent
+    ``position_ids`` buffers are accepted and skipped; any other key that does not map is an error.
     """
     own = model.state_dict(keep_vars=True)
-    unique = set(unique_state(model))
+    unique_names, aliases = dedupe_aliases(own)
+    unique = set(unique_names)
+    state = fold_aliases(state, aliases, source)
     unexpected, mismatched, loaded = [], [], set()
     for key, value in state.items():
         if key.endswith("position_ids"):

@@ -33,6 +33,8 @@ class VisionLanguageBackbone(Protocol):
     pruning_preset: str
     #: ITC temperature; the ITC loss clamps it to [0.001, 0.5] in place before each use.
     temp: nn.Parameter
+    #: The ``pretraining_losses`` whose sum SNIP differentiates (the MULTIFLOW code's pruning loss).
+    pruning_loss_terms: tuple[str, ...]
 
     # ----------------------------------------------------------------- construction
     @classmethod

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 
 
@@ -24,6 +25,30 @@ def dedupe_aliases(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict
         first.setdefault(key, name)
         unique[name] = tensor
     return unique, aliases
+
+
+def fold_aliases(state: Mapping[str, Tensor], aliases: Mapping[str, str], source: str) -> dict[str, Tensor]:
+    """A file's tensors with each tied alias of the model (alias -> first name) loaded under the first name.
+
+    A file may hold a tied tensor only under a name the model sees as its alias: the MULTIFLOW code's
+    BLIP and XVLM LM heads keep their bias only as ``cls.predictions.decoder.bias``, the upstream files
+    also as ``cls.predictions.bias``. The value then goes to the first name, so it is loaded rather than
+    skipped as a duplicate; a file holding both names with different values is an error naming them.
+    """
+    folded = dict(state)
+    conflicts = []
+    for alias, first in aliases.items():
+        if alias not in folded:
+            continue
+        value = folded.pop(alias)
+        if first not in state:
+            folded[first] = value
+        elif state[first].shape != value.shape or not torch.equal(state[first], value):
+            conflicts.append(f"{alias} vs {first}")
+    if conflicts:
+        raise ValueError(f"{source}: the file holds different values under two names of one tied tensor of the "
+                         f"model: {conflicts[:6]}")
+    return folded
 
 
 def resize_position_embeddings(pos: Tensor, num_patches: int, *, where: str = "position embeddings") -> Tensor:

@@ -312,6 +312,12 @@ class XVLMBackbone(nn.Module):
         return beam_search(step, prompt_ids, num_beams, min_length, max_length, eos_token_id,
                            repetition_penalty=repetition_penalty, length_normalisation=length_normalisation)
 
+    @property
+    def pruning_loss_terms(self) -> tuple[str, ...]:
+        """SNIP's loss terms: the MULTIFLOW code's ITC + ITM + MLM (never ``caption_lm``); with a VQA decoder,
+        which the authors' pretrained XVLM lacks, also its ``lm`` term, the only one reaching its weights."""
+        return ("itc", "itm", "mlm") + (("lm",) if self.text_decoder is not None else ())
+
     def pretraining_losses(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            image_idx: torch.Tensor, tokenizer: Any) -> dict[str, torch.Tensor]:
         """XVLM's ITC, ITM (hard negatives) and MLM; the captioning LM (``caption_lm``: next-token loss of the

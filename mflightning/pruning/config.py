@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .allocation import ALLOCATIONS, parse_pattern
 from .methods import Method, get_method
+from .targets import SHARED_WEIGHT_INPUTS
 
 # None (the model's `pruning_preset`, else one group), a preset name, a mapping group -> regex;
 # in Python also a callable name -> group
@@ -40,6 +41,9 @@ class PruningConfig:
         image_groups: groups whose inputs are image tokens, never PAD-filtered (None: the preset's;
             a mapping declares none unless listed here).
         prune_tied_embeddings: also prune Linear weights tied to an nn.Embedding (dense by default).
+        shared_weight_inputs: whose inputs feed the statistic of a weight that several distinct
+            modules apply (tied layers): "first_module" (default; the module under the weight's
+            first name, as MULTIFLOW's reference code) or "every_module".
         num_batches: use only the first N calibration batches (None: all).
         seed: seed of the random baseline.
         rounds: IterSNIP rounds.
@@ -61,6 +65,7 @@ class PruningConfig:
     exclude: tuple[str, ...] = ()
     image_groups: tuple[str, ...] | None = None
     prune_tied_embeddings: bool = False
+    shared_weight_inputs: str = "first_module"
     num_batches: int | None = None
     seed: int = 0
     rounds: int = 10
@@ -88,6 +93,10 @@ class PruningConfig:
         self.exclude = tuple(self.exclude)
         if self.image_groups is not None:
             self.image_groups = (self.image_groups,) if isinstance(self.image_groups, str) else tuple(self.image_groups)
+        if self.shared_weight_inputs not in SHARED_WEIGHT_INPUTS:
+            raise ValueError(
+                f"shared_weight_inputs must be one of {SHARED_WEIGHT_INPUTS}, got {self.shared_weight_inputs!r}"
+            )
         if self.num_batches is not None:
             self.num_batches = _count("num_batches", self.num_batches)
         self.rounds = _count("rounds", self.rounds)

@@ -71,8 +71,8 @@ def prune(
 
     What to prune is a `PruningConfig` (`config`, and/or its fields as keywords: `sparsity`,
     `method`, `allocation`, `invert`, `modalities`, `exclude`, `image_groups`,
-    `prune_tied_embeddings`, `num_batches`, `seed`, `rounds`, `allow_degenerate`). Degenerate scores
-    (a layer whose scores are all equal, or ties pushing the realised sparsity more than one point over
+    `prune_tied_embeddings`, `shared_weight_inputs`, `num_batches`, `seed`, `rounds`, `allow_degenerate`). Degenerate
+    scores (a layer whose scores are all equal, or ties pushing the realised sparsity more than one point over
     the target) are an error naming the layers unless `allow_degenerate=True`. `allocation=None` uses the method's
     own rule: `modality` (Eq. 7-8) for multiflow, `row` for wanda, `global` for the others. Set it
     to run the paper's ablations (`magnitude`: ratios from one magnitude pool, "w/o
@@ -112,7 +112,7 @@ def prune(
         model, preset if config.modalities is None else config.modalities, config.exclude + copy_exclusions(model),
         image_groups=config.image_groups, prune_tied_embeddings=config.prune_tied_embeddings,
     )
-    targets = find_targets(model, group_spec)
+    targets = find_targets(model, group_spec, shared_weight_inputs=config.shared_weight_inputs)
     groups = {name: t.group for name, t in targets.items()}
     # the preset travels with the masks so a task module can apply its `inherit` rules later
     if spec.data_driven and calibration is None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
 from torch import nn
@@ -16,6 +16,13 @@ SINGLE_GROUP = "all"
 # pruned as a layer unless asked, since its mask would also cut rows out of the embedding.
 EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
 
+# Whose calls feed the statistic of a weight that several distinct modules apply (tied layers):
+# "first_module": only the first module in the model's name order (the module under the weight's
+# first name; MULTIFLOW's reference code: on BLIP's tied pretraining layout the encoder's inputs, never
+# the decoder's); "every_module": every module applying it. One module called several times (reached
+# under several names) accumulates all its calls either way.
+SHARED_WEIGHT_INPUTS = ("first_module", "every_module")
+
 
 @dataclass
 class Target:
@@ -23,7 +30,8 @@ class Target:
 
     `modules` are the modules whose calls feed its statistics: an nn.Linear (the input of its
     forward) or an nn.MultiheadAttention whose packed/separate input projection or output
-    projection this weight is (see `attention.py`).
+    projection this weight is (see `attention.py`). `shared_by` are the other modules that apply
+    the same weight but do not feed its statistics (see `SHARED_WEIGHT_INPUTS`).
     """
 
     name: str
@@ -33,6 +41,7 @@ class Target:
     filter_tokens: bool  # drop padding tokens from its input statistics
     # no preset or image_groups= says whether its input is text: calibration traces it (provenance.py)
     infer_text_tokens: bool = False
+    shared_by: list[nn.Module] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -119,15 +128,21 @@ def resolve_modalities(
     )
 
 
-def find_targets(model: nn.Module, spec: GroupSpec) -> dict[str, Target]:
+def find_targets(
+    model: nn.Module, spec: GroupSpec, *, shared_weight_inputs: str = "first_module"
+) -> dict[str, Target]:
     """All nn.Linear and nn.MultiheadAttention projection weights not excluded, keyed by their name
     in `model.named_parameters()`.
 
-    A weight shared by several modules (tied layers) is one target with all its modules, so its
-    statistics accumulate every call; `exclude` and `unfiltered` match any of its names. A weight
-    that is also an embedding table stays dense unless `spec.prune_tied_embeddings`. Raises if a
-    layer gets no group, or if an image group names no group.
+    A weight applied by several distinct modules (tied layers) is one target; by default only the
+    first of them in name order (the module under its first name) feeds its statistics, the others
+    are listed in `shared_by` (`shared_weight_inputs="every_module"`: all feed them, see
+    `SHARED_WEIGHT_INPUTS`). `exclude` and `unfiltered` match any of its names. A weight that is also
+    an embedding table stays dense unless `spec.prune_tied_embeddings`. Raises if a layer gets no
+    group, or if an image group names no group.
     """
+    if shared_weight_inputs not in SHARED_WEIGHT_INPUTS:
+        raise ValueError(f"shared_weight_inputs must be one of {SHARED_WEIGHT_INPUTS}, got {shared_weight_inputs!r}")
     aliases = _parameter_names(model)
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, EMBEDDING_TYPES)}
     targets: dict[str, Target] = {}
@@ -151,8 +166,9 @@ def find_targets(model: nn.Module, spec: GroupSpec) -> dict[str, Target]:
             if _matches_any(spec.exclude, names):
                 continue
             name = names[0]
-            if name in targets:
-                targets[name].modules.append(module)
+            if name in targets:  # named_modules and named_parameters walk the model in the same order
+                shared = targets[name]
+                (shared.modules if shared_weight_inputs == "every_module" else shared.shared_by).append(module)
                 continue
             group = _assign(spec, names, tuple(weight.shape))
             filter_tokens = group not in spec.image_groups and not _matches_any(spec.unfiltered, names)

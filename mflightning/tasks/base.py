@@ -22,6 +22,9 @@ from mflightning.models.interface import VisionLanguageBackbone, require_backbon
 from mflightning.tasks.distributed import rank
 from mflightning.tasks.optim import Schedule, check_schedule, configure_adamw, cosine_lambda  # noqa: F401
 
+#: Key of a paired calibration batch holding the row count of each part (written by the data's paired collate).
+SEGMENTS = "segments"
+
 
 def load_tokenizer(tokenizer: Any):
     """A tokenizer object as is, or ``mflightning.data.build_tokenizer(name_or_path)``."""
@@ -74,6 +77,24 @@ class EvaluationLoop:
 
     def _evaluate(self, stage: str) -> None:
         raise NotImplementedError
+
+
+def split_segments(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The parts of a paired calibration batch (key ``segments``: the row count of each part, in order),
+    each with the batch's tensors sliced to its rows; a batch without ``segments`` is one part."""
+    sizes = batch.get(SEGMENTS)
+    if sizes is None:
+        return [dict(batch)]
+    sizes = [int(n) for n in sizes]
+    rows = next(v.size(0) for v in batch.values() if isinstance(v, torch.Tensor))
+    if sum(sizes) != rows or min(sizes) < 1:
+        raise ValueError(f"batch[{SEGMENTS!r}] = {sizes} does not split its {rows} rows")
+    parts, start = [], 0
+    for size in sizes:
+        parts.append({k: v[start:start + size] if isinstance(v, torch.Tensor) else v
+                      for k, v in batch.items() if k != SEGMENTS})
+        start += size
+    return parts
 
 
 class TaskModule(pl.LightningModule):
@@ -189,9 +210,17 @@ class TaskModule(pl.LightningModule):
         self.backbone(batch["image"], batch["input_ids"], batch["attention_mask"])
 
     def pruning_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """The backbone's pretraining loss on a calibration batch (for gradient-based baselines): BLIP
-        ITC + ITM + LM, XVLM ITC + ITM + MLM (+ the decoder's LM loss, if any)."""
-        return sum(self.pretraining_losses(batch).values())
+        """SNIP's loss on a calibration batch: the sum of the backbone's ``pruning_loss_terms`` among its
+        pretraining losses (BLIP ITC + ITM + LM, XVLM ITC + ITM + MLM, as the MULTIFLOW code). A paired batch
+        (``segments``: the sizes of its parts, e.g. 32 CC3M + 32 VG rows) gets the mean of its parts' losses,
+        each part with its own in-batch negatives, as the authors backpropagate half of each part's loss."""
+        parts = split_segments(batch)
+        terms = self.backbone.pruning_loss_terms
+        total = 0
+        for part in parts:
+            losses = self.pretraining_losses(part)
+            total = total + sum(losses[term] for term in terms)
+        return total / len(parts)
 
     def pretraining_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """The backbone's pretraining losses by name on one image-caption batch; captions whose batch has no

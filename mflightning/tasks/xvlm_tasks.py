@@ -50,7 +50,7 @@ class XVLMSettings:
 
 class XVLMTaskModule(XVLMSettings, TaskModule):
     """XVLM backbone holder without a task: calibration (image, text, fusion encoders and the decoder, if
-    any) and ``pruning_loss`` = XVLM's ITC + ITM + MLM (+ the decoder's LM loss), e.g. for pruning recipes."""
+    any) and ``pruning_loss`` = XVLM's ITC + ITM + MLM (the MULTIFLOW code's SNIP loss), e.g. for pruning recipes."""
 
 
 class XVLMRetrievalModule(XVLMSettings, RetrievalModule):

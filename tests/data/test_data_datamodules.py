@@ -339,7 +339,8 @@ def test_calibration_recipes_see_their_own_arguments_only():
     parser.add_class_arguments(CalibrationDataModule, "data")
     actions = {a.dest[len("data."):]: a for a in parser._actions if a.dest.startswith("data.")}
     assert set(actions) == {"calibration_json", "image_root", "image_size", "batch_size", "max_length", "crop_scale",
-                            "tokenizer", "num_workers", "skip_bad_records", "augment", "hflip", "seed", "text_cleaning"}
+                            "pair_sources", "add_sep", "tokenizer", "num_workers", "skip_bad_records", "augment", "hflip",
+                            "seed", "text_cleaning"}
     assert (actions["image_size"].default, actions["max_length"].default, actions["crop_scale"].default) == \
         (224, 30, (0.2, 1.0))
     assert actions["tokenizer"]._typehint is str and actions["seed"]._typehint is int

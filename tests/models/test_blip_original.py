@@ -142,7 +142,9 @@ def test_pretraining_checkpoint_matches_transformers_blip(pretraining, tie):
     # The file's decoder is tied to the encoder: None keeps that layout.
     assert model.decoder_tied == (tie is not False)
     if model.decoder_tied:
-        assert model.text_decoder.bert.encoder.layer[1].crossattention is model.text_encoder.encoder.layer[1].crossattention
+        dec, enc = model.text_decoder.bert.encoder.layer[1], model.text_encoder.encoder.layer[1]
+        assert dec.crossattention.self.query.weight is enc.crossattention.self.query.weight
+        assert dec.output.LayerNorm.bias is enc.output.LayerNorm.bias
     image, ids, att = inputs()
     with torch.no_grad():
         image_embeds = model.encode_image(image)
@@ -510,3 +512,24 @@ def test_retrieval_starts_its_momentum_encoders_and_queue_from_the_pretraining_f
                         queue_size=QUEUE, momentum_from_checkpoint=True)
     with pytest.raises(ValueError, match=r"needs momentum encoders"):
         RetrievalModule(backbone=spec, tokenizer=_Tokenizer(), momentum=None, alpha=0.0, momentum_from_checkpoint=True)
+
+
+# ----------------------------------------------------------------------------- files the MULTIFLOW code writes
+@pytest.mark.parametrize("kind", ["pretraining", "vqa"])
+def test_multiflow_code_files_keep_the_lm_head_bias_only_as_decoder_bias(tmp_path, kind):
+    """The MULTIFLOW code's med.py saves the LM-head bias only as cls.predictions.decoder.bias: it loads."""
+    refs = reference_models(config(), seed=40, tied=kind == "pretraining")
+    state = original_state(kind, *refs)
+    bias = state.pop("text_decoder.cls.predictions.bias")
+    assert torch.equal(state["text_decoder.cls.predictions.decoder.bias"], bias) and bias.abs().sum() > 0
+    allow = ("vision_proj", "text_proj", "itm_head") if kind == "vqa" else ()
+    model = BlipBackbone.from_pretrained(write(tmp_path / f"{kind}.pth", state), config=config(), allow_missing=allow)
+    head = model.text_decoder.cls.predictions
+    assert torch.equal(head.bias, bias) and head.decoder.bias is head.bias
+    # the upstream BLIP layout (both names) loads the same; two different values are an error naming them
+    state["text_decoder.cls.predictions.bias"] = bias
+    again = BlipBackbone.from_pretrained(write(tmp_path / "both.pth", state), config=config(), allow_missing=allow)
+    assert torch.equal(again.text_decoder.cls.predictions.bias, bias)
+    state["text_decoder.cls.predictions.bias"] = bias + 1
+    with pytest.raises(ValueError, match=r"conflict\.pth.*two names of one tied tensor.*cls\.predictions\.decoder\.bias"):
+        BlipBackbone.from_pretrained(write(tmp_path / "conflict.pth", state), config=config(), allow_missing=allow)

@@ -43,7 +43,7 @@ def batch(tokenizer, n=3):
 
 def test_the_protocol_lists_what_the_tasks_use():
     assert interface_members() == [
-        "pruning_preset", "temp", "from_spec", "unused_parts", "add_decoder_", "enc_token_id", "dec_token_id",
+        "pruning_preset", "temp", "pruning_loss_terms", "from_spec", "unused_parts", "add_decoder_", "enc_token_id", "dec_token_id",
         "__call__", "encode_image", "encode_text", "image_features", "text_features", "encode_grounded",
         "match_logits", "decode", "caption_logits", "generate_caption", "pretraining_losses", "named_parameters"]
 

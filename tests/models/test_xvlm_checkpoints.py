@@ -292,3 +292,22 @@ def test_q_k_v_are_separate_prune_targets_with_their_own_ratios():
         assert pruned == pytest.approx(result.ratios[name], abs=2 / 1024), name
     assert result.ratios[k] < min(result.ratios[q], result.ratios[v]) - 0.2
     assert result.group_sparsity()["vision"] == pytest.approx(0.6, abs=0.005)
+
+
+def test_multiflow_code_files_keep_the_mlm_head_bias_only_as_decoder_bias(tmp_path):
+    """The MULTIFLOW code's xbert.py saves the MLM-head bias only as cls.predictions.decoder.bias: it loads."""
+    source = source_model()
+    with torch.no_grad():
+        source.text_encoder.cls.predictions.bias.normal_()
+    bias = source.text_encoder.cls.predictions.bias.detach().clone()
+    state = authors_state(source)
+    del state["text_encoder.cls.predictions.bias"]
+    assert torch.equal(state["text_encoder.cls.predictions.decoder.bias"], bias)
+    loaded = XVLMBackbone.from_pretrained(save_authors(tmp_path, state), config=HEADS)  # strict: nothing missing
+    head = loaded.text_encoder.cls.predictions
+    assert torch.equal(head.bias, bias) and head.decoder.bias is head.bias
+    # this backbone's own names, as a bare state dict without the first name, load the same way
+    own = {k: v for k, v in source.state_dict().items() if k != "text_encoder.cls.predictions.bias"}
+    fresh = XVLMBackbone(source.config)
+    fresh.load_state_dict_file(own)
+    assert torch.equal(fresh.text_encoder.cls.predictions.bias, bias)
