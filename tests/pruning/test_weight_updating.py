@@ -1,0 +1,121 @@
+"""SparseGPT, CHITA and CHITA++: their solvers against hand-written references, and their carried weights."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from mflightning.pruning import PruningResult, prune
+from mflightning.pruning import chita as C
+from mflightning.pruning.sparsegpt import sparsegpt_layer
+
+from toy_models import GROUPS, ToyModule, ToyVLM, make_batches, model_inputs, quiet_trainer
+
+
+# ---------------------------------------------------------------- SparseGPT against explicit OBS steps
+def obs_reference(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.0, nm: tuple[int, int] | None = None):
+    """Column by column with explicit inverses: column i is pruned or kept with the columns left of it
+    frozen (inverse Hessian of columns i..d-1); a pruned weight's error moves onto the columns right of
+    it by the OBS update dw = -(w_i / [H_F^-1]_00) [H_F^-1]_0,: . The mask is chosen once up front
+    (unstructured: the lowest w_i^2 / [H_F_i^-1]_00 of the matrix) or at each group's first column (N:M)."""
+    H = hessian.double().clone()
+    H.diagonal().add_(0.01 * H.diagonal().mean())
+    W = weight.double().clone()
+    rows, d = W.shape
+    inverses = [torch.linalg.inv(H[i:, i:]) for i in range(d)]
+    pruned = torch.zeros(rows, d, dtype=torch.bool)
+    if nm is None:
+        saliency = torch.stack([W[:, i] ** 2 / inverses[i][0, 0] for i in range(d)], 1)
+        pruned.view(-1)[saliency.reshape(-1).argsort()[: round(sparsity * W.numel())]] = True
+    for i in range(d):
+        if nm is not None and i % nm[1] == 0:
+            saliency = torch.stack([W[:, j] ** 2 / inverses[j][0, 0] for j in range(i, i + nm[1])], 1)
+            lowest = saliency.argsort(dim=1)[:, : nm[1] - nm[0]]
+            pruned[:, i:i + nm[1]].scatter_(1, lowest, True)
+        for r in range(rows):
+            if pruned[r, i]:
+                W[r, i:] -= W[r, i] / inverses[i][0, 0] * inverses[i][0, :]
+    W[pruned] = 0
+    return ~pruned, W
+
+
+def tiny_layer(rows=3, d=6, tokens=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(tokens, d, generator=g) @ torch.randn(d, d, generator=g)  # correlated inputs
+    return torch.randn(rows, d, generator=g), X.T @ X
+
+
+def test_sparsegpt_matches_hand_written_obs_unstructured():
+    weight, hessian = tiny_layer()
+    mask, new = sparsegpt_layer(weight, hessian, 0.5)
+    ref_mask, ref_new = obs_reference(weight, hessian, 0.5)
+    assert torch.equal(mask, ref_mask)
+    torch.testing.assert_close(new, ref_new.float(), rtol=1e-4, atol=1e-5)
+    assert not torch.equal(new[mask], weight[mask])  # the kept weights did move
+
+
+def test_sparsegpt_matches_hand_written_obs_n_m():
+    weight, hessian = tiny_layer(rows=4, d=8, seed=1)
+    mask, new = sparsegpt_layer(weight, hessian, 0.5, "2:4")
+    ref_mask, ref_new = obs_reference(weight, hessian, nm=(2, 4))
+    assert torch.equal(mask, ref_mask)
+    assert (mask.view(4, 2, 4).sum(-1) == 2).all()
+    torch.testing.assert_close(new, ref_new.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_sparsegpt_reduces_the_layer_output_error_below_masking_alone():
+    weight, hessian = tiny_layer(rows=8, d=16, tokens=64, seed=2)
+    mask, new = sparsegpt_layer(weight, hessian, 0.5, block_size=4)  # several blocks
+    error = lambda w: torch.einsum("ri,ij,rj->", weight - w, hessian, weight - w)  # noqa: E731  ||X (W - W')^T||^2
+    assert error(new) < error(weight * mask)
+    assert (new[~mask] == 0).all() and mask.float().mean() == 0.5
+
+
+# ---------------------------------------------------------------- CHITA's solver against enumeration
+def quadratic(w, A, w_bar, alpha, lambda2):
+    r = A @ (w_bar - w)
+    return float(0.5 * r @ r + lambda2 * (w - w_bar).square().sum() + alpha @ w)
+
+
+def best_on(support, A, w_bar, alpha, lambda2):
+    w = torch.zeros_like(w_bar)
+    idx = torch.tensor(support)
+    w[idx] = C.backsolve(A @ w_bar, A[:, idx], alpha[idx], lambda2, w_bar[idx])
+    return w
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_chita_support_is_at_least_as_good_as_magnitudes_and_often_optimal(seed):
+    """9 weights keeping 4, all 126 supports enumerated. At w_bar the quadratic term has no gradient,
+    so the authors' single thresholding step moves the support only through the first-order term:
+    CHITA mostly keeps magnitude's support with better weights. (It is not a guarantee: with seed
+    20 of this family the block step ends behind magnitude, 8.90 against 7.15.)"""
+    g = torch.Generator().manual_seed(seed)
+    n, p, k = 5, 9, 4
+    A = torch.randn(n, p, generator=g, dtype=torch.float64)
+    w_bar = torch.randn(p, generator=g, dtype=torch.float64)
+    alpha, lambda2 = 0.1 * A.sum(0), 0.05
+    chita = C.chita_solve(A, w_bar, k, alpha, lambda2, [0, p])
+    assert int((chita != 0).sum()) == k
+    values = {s: quadratic(best_on(s, A, w_bar, alpha, lambda2), A, w_bar, alpha, lambda2)
+              for s in itertools.combinations(range(p), k)}
+    magnitude = tuple(sorted(w_bar.abs().argsort(descending=True)[:k].tolist()))
+    ours = quadratic(chita, A, w_bar, alpha, lambda2)
+    # the backsolve is exact on its support: the value is the enumeration's for that support
+    assert ours == pytest.approx(values[tuple(sorted(chita.nonzero().view(-1).tolist()))], rel=1e-9)
+    assert ours <= values[magnitude] + 1e-9
+    if seed in (1, 3, 7):  # instances where the heuristic finds the optimum (found by enumeration)
+        assert ours == pytest.approx(min(values.values()), rel=1e-9)
+
+
+def test_chita_block_boundaries_follow_the_authors_rule():
+    # 25 000 weights in blocks of 10 000: two blocks of 12 500; a small layer is one block
+    assert C.block_boundaries([25_000, 300], 10_000) == [0, 12_500, 25_000, 25_300]
+    assert C.block_boundaries([30_001], 10_000) == [0, 10_000, 20_000, 30_001]
+
+
+def test_chita_memory_check_names_the_shortfall():
+    with pytest.raises(MemoryError, match=r"gradient matrix \(100 calibration batches x 1,000,000.*short"):
+        C.check_memory("chita", 100, 1_000_000, available=2**20)
