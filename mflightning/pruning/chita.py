@@ -155,7 +155,7 @@ def block_boundaries(sizes: list[int], block_size: int = BLOCK_SIZE) -> list[int
         else:
             cuts = list(range(offset, offset + size + 1, size // (size // block_size)))
             cuts[-1] = offset + size
-            bounds += cuts
+            bounds += cuts[1:]  # (the authors repeat the layer start: an empty block)
         offset += size
     return bounds
 
