@@ -282,7 +282,8 @@ class PruningResult:
         """The carried weights keyed by `model`'s parameter names (as `masks_for` names the masks); None if none."""
         if self.weights is None:
             return None
-        as_masks = replace(self, masks=self.weights, weights=None, scores=None, magnitudes=None)
+        # named exactly as the masks are: the same resolution with the weights in the masks' place
+        as_masks = replace(self, masks=self.weights, weights=None, scores=None, magnitudes=None, method="weights")
         return as_masks.masks_for(model, prefix=prefix, exclude=exclude, partial=partial)
 
     def _check_coverage(

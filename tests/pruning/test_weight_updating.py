@@ -119,3 +119,104 @@ def test_chita_block_boundaries_follow_the_authors_rule():
 def test_chita_memory_check_names_the_shortfall():
     with pytest.raises(MemoryError, match=r"gradient matrix \(100 calibration batches x 1,000,000.*short"):
         C.check_memory("chita", 100, 1_000_000, available=2**20)
+
+
+# ---------------------------------------------------------------- prune(), the result and the callback
+COMMON = dict(modalities=GROUPS, exclude=[r"^(model\.)?head\."])
+WEIGHT_UPDATING = ["sparsegpt", "chita", "chita++"]
+
+
+def loss_fn(model, batch):
+    return nn.functional.cross_entropy(model(**model_inputs(batch)), batch["label"])
+
+
+def forward(model, batch):
+    return model(**model_inputs(batch))
+
+
+def pruned(method, model=None, **settings):
+    model = model or ToyVLM()
+    settings = {**COMMON, "method": method, "rounds": 2, **settings}
+    return model, prune(model, calibration=make_batches(4, seed=3), forward=forward, loss=loss_fn, **settings)
+
+
+@pytest.mark.parametrize("method", WEIGHT_UPDATING)
+def test_weight_updating_methods_carry_their_weights_and_apply_writes_them(method, tmp_path):
+    model, result = pruned(method, sparsity=0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert set(result.weights) == set(result.masks)
+    assert result.sparsity == pytest.approx(0.5, abs=0.02)
+    moved = 0
+    for name, weight in result.weights.items():
+        mask = result.masks[name]
+        assert (weight[~mask] == 0).all(), name
+        moved += int((weight[mask] != before[name][mask]).sum())
+    assert moved > 0  # the kept weights were solved, not copied
+    result.apply(model)
+    params = dict(model.named_parameters())
+    for name, weight in result.weights.items():
+        assert torch.equal(params[name].detach(), weight.to(params[name].dtype)), name
+    assert torch.equal(params["head.weight"], before["head.weight"])  # excluded: untouched
+    # a file holds the weights; the masks alone cannot be had from it
+    loaded = PruningResult.load(result.save(tmp_path / "masks.safetensors"))
+    assert all(torch.equal(loaded.weights[n], w) for n, w in result.weights.items())
+    with pytest.raises(ValueError, match="carry no weights"):
+        PruningResult(masks=result.masks, groups=result.groups, method=method, target_sparsity=0.5,
+                      allocation=result.allocation)
+    assert loaded.at(0.5) is loaded
+    with pytest.raises(ValueError, match=r"solved for sparsity 0.5.*re-run prune"):
+        loaded.at(0.6)
+
+
+def test_prune_leaves_the_model_unchanged_and_refuses_meaningless_settings():
+    model = ToyVLM()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pruned("chita++", model, sparsity=0.6)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="invert"):
+        pruned("sparsegpt", sparsity=0.5, invert=True)
+    with pytest.raises(ValueError, match="no N:M variant"):
+        pruned("chita", pattern="2:4")
+    with pytest.raises(ValueError, match="allocation='modality' cannot apply"):
+        pruned("sparsegpt", sparsity=0.5, allocation="modality")
+
+
+def test_sparsegpt_n_m_through_prune_and_its_pad_filtered_hessians():
+    _, result = pruned("sparsegpt", pattern="2:4")
+    for name, mask in result.masks.items():
+        assert (mask.view(mask.shape[0], -1, 4).sum(-1) == 2).all(), name
+    # the Hessian of text.fc1 is X^T X over the non-PAD tokens only: a PAD token's embedding changes nothing
+    batches = make_batches(4, seed=3)
+    padded = [dict(b, input_ids=b["input_ids"] + 7 * (1 - b["attention_mask"])) for b in batches]
+    model = ToyVLM()
+    a = prune(model, calibration=batches, forward=forward, method="sparsegpt", sparsity=0.5, **COMMON)
+    b = prune(model, calibration=padded, forward=forward, method="sparsegpt", sparsity=0.5, **COMMON)
+    assert torch.equal(a.masks["text.fc1.weight"], b.masks["text.fc1.weight"])
+    torch.testing.assert_close(a.weights["text.fc1.weight"], b.weights["text.fc1.weight"])
+
+
+def test_chita_refuses_a_gradient_matrix_that_does_not_fit(monkeypatch):
+    monkeypatch.setattr(C, "available_memory", lambda: 10_000)
+    with pytest.raises(MemoryError, match="GiB short"):
+        pruned("chita", sparsity=0.5)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "chita"])
+def test_the_callback_fine_tunes_from_the_solved_weights(method, tmp_path):
+    """lr=0: after the fit every masked weight is exactly the solved one; lr>0: the pruned stay zero."""
+    from mflightning import MultiFlowCallback
+
+    for lr in (0.0, 0.05):
+        module = ToyModule(lr=lr, weight_decay=0.0)
+        callback = MultiFlowCallback(0.5, method=method, calibration=make_batches(4, seed=3),
+                                     loss=lambda m, b: loss_fn(m.model, b), **COMMON)
+        quiet_trainer(tmp_path, max_steps=3, callbacks=[callback]).fit(
+            module, torch.utils.data.DataLoader(make_batches(3), batch_size=None))
+        params = dict(module.model.named_parameters())
+        for name, weight in callback.result.weights.items():
+            name = name.removeprefix("model.")
+            if lr == 0.0:
+                assert torch.equal(params[name].detach(), weight), name
+            else:
+                assert (params[name].detach()[weight == 0] == 0).all(), name
+                assert not torch.equal(params[name].detach(), weight), name
