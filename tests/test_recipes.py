@@ -17,6 +17,9 @@ METHOD_RECIPES = {  # file stem -> (method, allocation, invert)
     "wanda": ("wanda", None, False),
     "snip": ("snip", None, False),
     "itersnip": ("itersnip", None, False),
+    "chita": ("chita", None, False),
+    "chita++": ("chita++", None, False),
+    "sparsegpt": ("sparsegpt", None, False),
     "multiflow_no_distribution": ("multiflow", "global", False),
     "multiflow_no_multimodality": ("multiflow", "magnitude", False),
     "multiflow_inversion": ("multiflow", None, True),
@@ -68,8 +71,10 @@ def test_pruning_recipes_select_their_method(model, stem):
     else:
         assert data["data"]["class_path"] == "mflightning.data.CalibrationDataModule"
         assert data["data"]["init_args"]["max_length"] == 30
-    if method == "itersnip":
+    if method in ("itersnip", "chita++"):  # the authors' 60 rounds of 50 batches
         assert (pruning["rounds"], pruning["num_batches"]) == (60, 3000)
+    if method == "chita":
+        assert pruning["num_batches"] == 50
 
 
 @pytest.mark.parametrize("relative", sorted(AUTHORS))
