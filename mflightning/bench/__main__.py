@@ -10,6 +10,7 @@ BENCHMARKS = {
     "quality": "mflightning.bench.quality",
     "cost": "mflightning.bench.cost",
     "speed": "mflightning.bench.speed",
+    "methods": "mflightning.bench.methods",
 }
 
 
