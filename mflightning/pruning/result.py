@@ -328,7 +328,8 @@ class PruningResult:
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike, include_scores: bool = False) -> Path:
-        """Write a safetensors file: masks (+ scores/magnitudes if asked) and JSON metadata.
+        """Write a safetensors file: masks (+ scores/magnitudes if asked; + the solved weights of
+        SparseGPT / CHITA, always, which have no scores) and JSON metadata.
 
         The file is written under a temporary name in the same folder and then renamed over
         `path` (`os.replace`, atomic), so an interrupted save never leaves a truncated file where a
@@ -341,7 +342,7 @@ class PruningResult:
         tensors = {f"mask/{n}": m.detach().to("cpu", torch.bool).contiguous() for n, m in self.masks.items()}
         if self.weights is not None:  # always: masks of a weight-updating method are meaningless without them
             tensors.update({f"weight/{n}": w.detach().cpu().contiguous() for n, w in self.weights.items()})
-        if include_scores:
+        if include_scores and not (self.scores is None and self.weights is not None):  # solved weights: no scores
             if self.scores is None:
                 raise ValueError("include_scores=True but this result holds no scores")
             tensors.update({f"score/{n}": s.detach().float().cpu().contiguous() for n, s in self.scores.items()})

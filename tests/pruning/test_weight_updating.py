@@ -209,7 +209,8 @@ def test_the_callback_fine_tunes_from_the_solved_weights(method, tmp_path):
     for lr in (0.0, 0.05):
         module = ToyModule(lr=lr, weight_decay=0.0)
         callback = MultiFlowCallback(0.5, method=method, calibration=make_batches(4, seed=3),
-                                     loss=lambda m, b: loss_fn(m.model, b), **COMMON)
+                                     loss=lambda m, b: loss_fn(m.model, b), save_masks=tmp_path / f"{lr}.safetensors",
+                                     save_scores=True, **COMMON)
         quiet_trainer(tmp_path, max_steps=3, callbacks=[callback]).fit(
             module, torch.utils.data.DataLoader(make_batches(3), batch_size=None))
         params = dict(module.model.named_parameters())
@@ -217,6 +218,7 @@ def test_the_callback_fine_tunes_from_the_solved_weights(method, tmp_path):
             name = name.removeprefix("model.")
             if lr == 0.0:
                 assert torch.equal(params[name].detach(), weight), name
+                assert torch.equal(PruningResult.load(tmp_path / "0.0.safetensors").weights["model." + name], weight)
             else:
                 assert (params[name].detach()[weight == 0] == 0).all(), name
                 assert not torch.equal(params[name].detach(), weight), name
