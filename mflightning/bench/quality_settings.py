@@ -34,7 +34,13 @@ METHODS: dict[str, MethodSpec] = {
     "mf_no_multimodality": MethodSpec("MultiFlow w/o multimodality", "multiflow", allocation="magnitude"),
     "mf_no_distribution": MethodSpec("MultiFlow w/o distribution", "multiflow", allocation="global"),
     "mf_inverted": MethodSpec("MultiFlow w/ inversion", "multiflow", invert=True),
+    # the paper's strongest baselines and SparseGPT, offered by --methods (they update the kept weights)
+    "sparsegpt": MethodSpec("SparseGPT", "sparsegpt"),
+    "chita": MethodSpec("CHITA", "chita"),
+    "chita++": MethodSpec("CHITA++", "chita++"),
 }
+# the default grid: the committed tables' methods (the weight-updating ones join with --methods)
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in ("sparsegpt", "chita", "chita++"))
 
 METRICS: dict[str, tuple[tuple[str, str], ...]] = {  # task -> (metric key, column label)
     "retrieval": (("txt_r1", "TR@1"), ("txt_r5", "TR@5"), ("img_r1", "IR@1"), ("img_r5", "IR@5")),
@@ -97,7 +103,7 @@ class QualitySettings:
     """Everything the results depend on (written to settings.json; a resumed run must match it)."""
 
     models: tuple[str, ...] = MODELS
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = DEFAULT_METHODS
     sparsities: tuple[float, ...] = (0.63, 0.75, 0.9)
     seeds: tuple[int, ...] = (0, 1, 2)
     tasks: tuple[str, ...] = TASKS

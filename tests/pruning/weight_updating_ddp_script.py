@@ -1,7 +1,8 @@
-"""Run by test_weight_updating.py as a subprocess: SparseGPT and CHITA++ through the callback under CPU DDP.
+"""Run by test_weight_updating.py as a subprocess: SparseGPT and CHITA++ through the callback under CPU
+DDP, and SparseGPT under FSDP2 (ModelParallelStrategy, fully_shard).
 
 Usage: python weight_updating_ddp_script.py OUT_DIR DEVICES
-Saves each rank's masks, the module's weights after a fit at lr=0 and the calibration info.
+Saves each rank's masks, the module's (gathered) weights after a fit at lr=0 and the calibration info.
 """
 import sys
 from pathlib import Path
@@ -22,20 +23,31 @@ def main() -> None:
     out, devices = Path(sys.argv[1]), int(sys.argv[2])
     from mflightning import MultiFlowCallback
 
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from fsdp2_script import ShardedToy
+
     saved = {}
-    for method in ("sparsegpt", "chita++"):
+    for run in ("sparsegpt", "chita++", "sparsegpt-fsdp2"):
+        method = run.split("-")[0]
         callback = MultiFlowCallback(0.6, method=method, calibration=make_batches(5, seed=3), loss=loss, rounds=2,
                                      modalities=GROUPS, exclude=[r"head\."])
-        module = ToyModule(lr=0.0, weight_decay=0.0)
+        fsdp2 = run.endswith("fsdp2")
+        module = (ShardedToy if fsdp2 else ToyModule)(lr=0.0, weight_decay=0.0)
+        strategy = "ddp" if devices > 1 else "auto"
+        if fsdp2:
+            strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
         trainer = L.Trainer(
-            accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=2,
+            accelerator="cpu", devices=devices, strategy=strategy, max_steps=2,
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             callbacks=[callback],
         )
         trainer.fit(module, DataLoader(make_batches(4), batch_size=None))
-        saved[method] = {
-            "masks": callback.kept_masks,
-            "weights": {n: p.detach().clone() for n, p in module.named_parameters() if n in callback.kept_masks},
+        params = dict(module.named_parameters())
+        saved[run] = {
+            "masks": callback.keeper.full_masks(),
+            "weights": {n: (p.full_tensor() if fsdp2 else p).detach().clone() for n, p in params.items()
+                        if n in callback.kept_masks},
             "calibration": callback.result.calibration,
             "calls": module.calibration_calls,
         }
