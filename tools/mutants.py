@@ -213,6 +213,18 @@ MUTANTS: tuple[Mutant, ...] = (
            "self.scores, sparsity, self.allocation, groups=self.groups, magnitudes=self.magnitudes",
            "self.scores, self.target_sparsity, self.allocation, groups=self.groups, magnitudes=self.magnitudes",
            ".at() re-thresholds at the old sparsity"),
+    Mutant("sparsegpt-no-block-update", "mflightning/pruning/sparsegpt.py",
+           "        W[:, end:] -= errors @ U[start:end, end:]", "        pass",
+           "SparseGPT's pruning errors never reach the columns right of their block",
+           tests=("tests/pruning/test_weight_updating.py",)),
+    Mutant("sparsegpt-no-dampening", "mflightning/pruning/sparsegpt.py", "    H.diagonal().add_(damp)", "    pass",
+           "SparseGPT's Hessian is not dampened", tests=("tests/pruning/test_weight_updating.py",)),
+    Mutant("chita-no-first-order", "mflightning/pruning/chita.py",
+           "    alpha = A.sum(0) / batch_size  # the first-order term", "    alpha = A.sum(0) * 0  # the first-order term",
+           "CHITA drops the first-order term of its quadratic model", tests=("tests/pruning/test_weight_updating.py",)),
+    Mutant("carried-weights-not-written", "mflightning/pruning/result.py", "        write_weights(model, carried)",
+           "        pass", "apply() and the callback zero the masks but keep the original kept weights",
+           tests=("tests/pruning/test_weight_updating.py",)),
 )
 
 

@@ -56,9 +56,10 @@ def test_sparsegpt_matches_hand_written_obs_unstructured():
     assert not torch.equal(new[mask], weight[mask])  # the kept weights did move
 
 
-def test_sparsegpt_matches_hand_written_obs_n_m():
+@pytest.mark.parametrize("block_size", [128, 4])  # one block, or two: the errors cross the block boundary
+def test_sparsegpt_matches_hand_written_obs_n_m(block_size):
     weight, hessian = tiny_layer(rows=4, d=8, seed=1)
-    mask, new = sparsegpt_layer(weight, hessian, 0.5, "2:4")
+    mask, new = sparsegpt_layer(weight, hessian, 0.5, "2:4", block_size=block_size)
     ref_mask, ref_new = obs_reference(weight, hessian, nm=(2, 4))
     assert torch.equal(mask, ref_mask)
     assert (mask.view(4, 2, 4).sum(-1) == 2).all()
@@ -257,3 +258,16 @@ def test_two_processes_solve_what_one_process_solves(tmp_path):
                 assert torch.equal(rank[run]["masks"][name], mask), (run, name)
                 torch.testing.assert_close(rank[run]["weights"][name], single.weights[name], rtol=1e-5, atol=1e-6)
             assert torch.equal(ranks[0][run]["weights"][name], ranks[1][run]["weights"][name])
+
+
+def test_chita_round_uses_the_authors_first_order_term_and_ridge():
+    """One round on two layers: alpha = A.sum(0) / batch size, lambda2 = n * 1e-5 / 2, the authors' blocks."""
+    g = torch.Generator().manual_seed(5)
+    weights = {"a": torch.randn(3, 4, generator=g), "b": torch.randn(2, 5, generator=g)}
+    A = torch.randn(3, 22, generator=g)
+    flat = torch.cat([w.reshape(-1) for w in weights.values()])
+    got = C.chita_round(A, weights, 0.5, batch_size=0.25)
+    expected = C.chita_solve(A, flat, 11, A.sum(0) / 0.25, 3 * 1e-5 / 2, [0, 12, 22])
+    without_alpha = C.chita_solve(A, flat, 11, torch.zeros(22), 3 * 1e-5 / 2, [0, 12, 22])
+    assert not torch.allclose(expected, without_alpha)  # the first-order term matters here
+    torch.testing.assert_close(torch.cat([got["a"].reshape(-1), got["b"].reshape(-1)]), expected)
