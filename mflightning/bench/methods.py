@@ -12,6 +12,7 @@ import argparse
 import os
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,10 @@ def measure(method: str, shape_name: str, batch_size: int, num_batches: int, rou
         return nn.functional.cross_entropy(forward(m, batch).float(), batch["label"])
 
     settings = dict(sparsity=sparsity, method=method, modalities=BLIP_GROUPS, exclude=list(HEADS), rounds=rounds)
-    for warm_up in ("multiflow", "snip"):  # first forward and backward: thread pools, allocator, autograd
-        prune(model, calibration=batches[:1], forward=forward, loss=loss, **{**settings, "method": warm_up})
+    with warnings.catch_warnings():  # random weights: nearly-empty-layer warnings say nothing here
+        warnings.simplefilter("ignore")
+        for warm_up in ("multiflow", "snip"):  # first forward and backward: thread pools, allocator, autograd
+            prune(model, calibration=batches[:1], forward=forward, loss=loss, **{**settings, "method": warm_up})
     _release_freed_memory()  # what the warm-up freed goes back to the OS, so reuse cannot hide a peak
     cuda = device.startswith("cuda")
     if cuda:
