@@ -227,9 +227,10 @@ def gradient_rows(
         grads = [stats.sums[n] * masks[n] if masks is not None else stats.sums[n] for n in targets]
         A[row] = torch.cat([g.reshape(-1).cpu() for g in grads])
         seen += torch.tensor([1.0, stats.num_samples], dtype=torch.float64)
-    if reduce is not None:
+    if reduce is not None:  # one row at a time: A itself never has to fit on the device
         device = next(iter(targets.values())).param.device
-        A = reduce(A.to(device)).cpu()
+        for row in range(rows):
+            A[row] = reduce(A[row].to(device)).cpu()
         seen = reduce(seen.to(device)).cpu()
     return A, float(seen[1] / max(seen[0], 1))
 
