@@ -90,7 +90,7 @@ def compute_masks_for(family: BackboneFamily, method: str, sparsity: float, back
     loss = family.pruning_loss(backbone, vocab) if gradients else None
     result = prune(backbone, sparsity=sparsity, method=spec.method, calibration=calibration,
                    num_batches=s.calibration_batches, allocation=spec.allocation, invert=spec.invert, loss=loss,
-                   keep_scores=False, pattern=s.pattern)
+                   keep_scores=False, pattern=s.pattern, **({"rounds": spec.rounds} if spec.rounds else {}))
     seconds = time.perf_counter() - started
     path.parent.mkdir(parents=True, exist_ok=True)
     result.save(path)
