@@ -343,6 +343,9 @@ class MultiFlowCallback(Callback):
             if self.save_masks is not None and trainer.is_global_zero:
                 self.result.save(self.save_masks, include_scores=self.save_scores)
                 rank_zero_info(f"[mflightning] masks written to {self.save_masks}")
+        if source != "checkpoint":  # SparseGPT / CHITA: their solved kept weights, on every rank before any step
+            self.result.write_weights(pl_module, partial=self.partial_masks, prefix=self.mask_prefix,
+                                      exclude=self.config.exclude)
         self._keeper = MaskKeeper(pl_module, masks, groups)  # + the copies the module declares (pruning_copies)
         for label, copy in self._copies_held_elsewhere(trainer, pl_module):
             self._keeper.follow(copy, label=label + ":")

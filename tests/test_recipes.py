@@ -17,6 +17,9 @@ METHOD_RECIPES = {  # file stem -> (method, allocation, invert)
     "wanda": ("wanda", None, False),
     "snip": ("snip", None, False),
     "itersnip": ("itersnip", None, False),
+    "chita": ("chita", None, False),
+    "chita++": ("chita++", None, False),
+    "sparsegpt": ("sparsegpt", None, False),
     "multiflow_no_distribution": ("multiflow", "global", False),
     "multiflow_no_multimodality": ("multiflow", "magnitude", False),
     "multiflow_inversion": ("multiflow", None, True),
@@ -72,10 +75,12 @@ def test_pruning_recipes_select_their_method(model, stem):
         assert init["pair_sources"] is True and init["batch_size"] == 32 and len(init["calibration_json"]) == 2
         texts = (init["max_length"], init.get("add_sep", True))
         assert texts == ((30, True) if model == "blip" else (40, False))
-        assert pruning["num_batches"] == 3000
+        assert pruning["num_batches"] == (50 if method == "chita" else 3000)
     assert data["precision"] == "32-true"
-    if method == "itersnip":
+    if method in ("itersnip", "chita++"):  # the authors' 60 rounds of 50 batches
         assert (pruning["rounds"], pruning["num_batches"]) == (60, 3000)
+    if method == "chita":
+        assert pruning["num_batches"] == 50
 
 
 @pytest.mark.parametrize("relative", sorted(AUTHORS))

@@ -297,6 +297,18 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("alias-bias-skipped", "mflightning/models/state.py", "            folded[first] = value",
            "            pass", "an LM-head bias a file holds only as decoder.bias stays at its initial value",
            tests=("tests/models/test_blip_original.py", "tests/models/test_xvlm_checkpoints.py", "-k", "multiflow_code")),
+    Mutant("sparsegpt-no-block-update", "mflightning/pruning/sparsegpt.py",
+           "        W[:, end:] -= errors @ U[start:end, end:]", "        pass",
+           "SparseGPT's pruning errors never reach the columns right of their block",
+           tests=("tests/pruning/test_weight_updating.py",)),
+    Mutant("sparsegpt-no-dampening", "mflightning/pruning/sparsegpt.py", "    H.diagonal().add_(damp)", "    pass",
+           "SparseGPT's Hessian is not dampened", tests=("tests/pruning/test_weight_updating.py",)),
+    Mutant("chita-no-first-order", "mflightning/pruning/chita.py",
+           "    alpha = A.sum(0) / batch_size  # the first-order term", "    alpha = A.sum(0) * 0  # the first-order term",
+           "CHITA drops the first-order term of its quadratic model", tests=("tests/pruning/test_weight_updating.py",)),
+    Mutant("carried-weights-not-written", "mflightning/pruning/result.py", "        write_weights(model, carried)",
+           "        pass", "apply() and the callback zero the masks but keep the original kept weights",
+           tests=("tests/pruning/test_weight_updating.py",)),
 )
 
 

@@ -11,6 +11,7 @@ BENCHMARKS = {
     "cost": "mflightning.bench.cost",
     "speed": "mflightning.bench.speed",
     "gpu": "mflightning.bench.gpu",
+    "methods": "mflightning.bench.methods",
 }
 
 

@@ -74,7 +74,7 @@ def finetune(family: BackboneFamily, task: str, backbone, vocab: str, world, s: 
 def compute_masks_for(family: BackboneFamily, method: str, sparsity: float, backbone, vocab: str, calibration,
                       s: QualitySettings, path: Path):
     """Prune the pretrained backbone ONCE for (method, sparsity), or load the cached masks."""
-    from mflightning.pruning import PruningResult, prune
+    from mflightning.pruning import PruningResult, get_method, prune
 
     if path.is_file():
         return PruningResult.load(path), 0.0
@@ -86,10 +86,11 @@ def compute_masks_for(family: BackboneFamily, method: str, sparsity: float, back
     # are seeded per item).
     L.seed_everything(0, workers=True, verbose=False)
     started = time.perf_counter()
-    loss = family.pruning_loss(backbone, vocab) if spec.method in ("snip", "itersnip") else None
+    gradients = get_method(spec.method).needs in ("gradients", "gradient_rows")  # SNIP, IterSNIP, CHITA(++)
+    loss = family.pruning_loss(backbone, vocab) if gradients else None
     result = prune(backbone, sparsity=sparsity, method=spec.method, calibration=calibration,
                    num_batches=s.calibration_batches, allocation=spec.allocation, invert=spec.invert, loss=loss,
-                   keep_scores=False, pattern=s.pattern)
+                   keep_scores=False, pattern=s.pattern, **({"rounds": spec.rounds} if spec.rounds else {}))
     seconds = time.perf_counter() - started
     path.parent.mkdir(parents=True, exist_ok=True)
     result.save(path)

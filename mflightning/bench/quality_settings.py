@@ -21,6 +21,7 @@ class MethodSpec:
     method: str | None  # None: the dense model
     allocation: str | None = None
     invert: bool = False
+    rounds: int | None = None  # iterative methods' rounds (None: PruningConfig's default)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -34,7 +35,15 @@ METHODS: dict[str, MethodSpec] = {
     "mf_no_multimodality": MethodSpec("MultiFlow w/o multimodality", "multiflow", allocation="magnitude"),
     "mf_no_distribution": MethodSpec("MultiFlow w/o distribution", "multiflow", allocation="global"),
     "mf_inverted": MethodSpec("MultiFlow w/ inversion", "multiflow", invert=True),
+    # the paper's strongest baselines and SparseGPT, offered by --methods (they update the kept weights)
+    "sparsegpt": MethodSpec("SparseGPT", "sparsegpt"),
+    "chita": MethodSpec("CHITA", "chita"),
+    # 2 rounds of 4 of the 8 calibration batches: with the default 10 rounds each round's model had one
+    # gradient row, and its first-order step blew weights up (total norm 17 -> 7,700; every task collapsed)
+    "chita++": MethodSpec("CHITA++", "chita++", rounds=2),
 }
+# the default grid: the committed tables' methods (the weight-updating ones join with --methods)
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in ("sparsegpt", "chita", "chita++"))
 
 METRICS: dict[str, tuple[tuple[str, str], ...]] = {  # task -> (metric key, column label)
     "retrieval": (("txt_r1", "TR@1"), ("txt_r5", "TR@5"), ("img_r1", "IR@1"), ("img_r5", "IR@5")),
@@ -97,7 +106,7 @@ class QualitySettings:
     """Everything the results depend on (written to settings.json; a resumed run must match it)."""
 
     models: tuple[str, ...] = MODELS
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = DEFAULT_METHODS
     sparsities: tuple[float, ...] = (0.63, 0.75, 0.9)
     seeds: tuple[int, ...] = (0, 1, 2)
     tasks: tuple[str, ...] = TASKS

@@ -136,7 +136,8 @@ def write_outputs(result, out: Path, seconds: float | None = None) -> PruneOutpu
     outputs = PruneOutputs(
         output_dir=out,
         masks=result.save(out / "masks.safetensors"),
-        scores=result.save(out / "scores.safetensors", include_scores=True),
+        # a weight-updating method (SparseGPT, CHITA) has no scores: its file holds masks and solved weights
+        scores=result.save(out / "scores.safetensors", include_scores=result.scores is not None),
         report_txt=out / "report.txt",
         report_json=out / "report.json",
         result=result,

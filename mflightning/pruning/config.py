@@ -32,7 +32,8 @@ class PruningConfig:
     Args:
         sparsity: fraction of the prunable weights to remove, in [0, 1) (any real number, numpy
             scalar or one-element tensor); None only where masks come from elsewhere.
-        method: a registered method: multiflow (default), omp, lamp, random, wanda, snip, itersnip.
+        method: a registered method: multiflow (default), omp, lamp, random, wanda, snip, itersnip,
+            sparsegpt, chita, chita++ (the last three also update the kept weights).
         allocation: None (the method's own), modality, magnitude, global, layer or row.
         invert: keep the lowest scores (the sanity-check ablation).
         modalities: None (the model's `pruning_preset`, else one group), a preset name, a mapping

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from . import chita as C
 from . import scores as S
 from .allocation import compute_masks, pattern_masks
 from .config import PruningConfig
@@ -17,6 +18,7 @@ from .methods import Method
 from .presets import calibration_adapter, recognise_preset
 from .naming import copy_exclusions
 from .result import SHOWN, PruningResult, apply_masks
+from .sparsegpt import sparsegpt_masks
 from .batches import (
     Batch,
     ForwardFn,
@@ -117,19 +119,43 @@ def prune(
     # the preset travels with the masks so a task module can apply its `inherit` rules later
     if spec.data_driven and calibration is None:
         raise ValueError(f"method {method!r} is data-driven and needs calibration batches (calibration=None)")
-    if spec.needs == "gradients" and loss is None:
+    gradients = spec.needs in ("gradients", "gradient_rows")
+    if gradients and loss is None:
         raise ValueError(f"method {method!r} needs `loss(model, batch) -> scalar tensor`")
-    if spec.needs == "gradients":
+    if gradients:
         _check_no_inference_parameters(targets, method)
+    if spec.updates_weights:
+        _check_weight_updating(config)
     # |W| drives the layer ratios of the pooled allocations and is OMP's score; other runs skip the copy
-    needs_magnitudes = allocation in ("modality", "magnitude") or spec.score is S.magnitude_scores or keep_scores
+    needs_magnitudes = not spec.updates_weights and (
+        allocation in ("modality", "magnitude") or spec.score is S.magnitude_scores or keep_scores
+    )
     weights = _full_weights(targets, spec)
     magnitudes = {name: S.magnitude_scores(w) for name, w in weights.items()} if needs_magnitudes else None
     collect = dict(num_batches=config.num_batches, shard=shard, reduce=reduce, transfer=transfer, progress=progress)
     info: dict[str, Any] = {}
     statistics: Mapping[str, Any] = {}
+    updated: dict[str, Tensor] | None = None  # new values of the kept weights (weight-updating methods)
+    scores: dict[str, Tensor] | None = None
 
-    if spec.iterative:
+    if spec.needs == "hessians":
+        stats = collect_input_norms(
+            model, targets, calibration,  # type: ignore[arg-type]
+            forward=forward or default_forward, token_mask=token_mask or default_token_mask, gram=True,
+            lockstep=any(is_dtensor(t.param) for t in targets.values()), **collect,  # type: ignore[arg-type]
+        )
+        _check_seen(stats.num_batches, stats.calls, method)
+        info = {"num_batches": stats.num_batches, "num_samples": stats.num_samples}
+        masks, updated = sparsegpt_masks(
+            weights, stats.sums, sparsity, config.pattern, dense_if_incompatible=config.dense_if_incompatible
+        )
+        del stats
+    elif spec.needs == "gradient_rows":
+        masks, updated, info = _chita(
+            model, targets, calibration, loss, sparsity, method,  # type: ignore[arg-type]
+            rounds=config.rounds, **collect,  # type: ignore[arg-type]
+        )
+    elif spec.iterative:
         scores, info = _iterative_snip(
             model, targets, calibration, loss, sparsity, allocation, groups, magnitudes,  # type: ignore[arg-type]
             rounds=config.rounds, **collect,  # type: ignore[arg-type]
@@ -158,14 +184,16 @@ def prune(
         else:
             scores = {name: spec.scores(weights[name], statistics.get(name)) for name in targets}
 
-    if config.invert:
-        scores = {name: -s for name, s in scores.items()}
-    if config.pattern is not None:
-        masks = pattern_masks(scores, config.pattern, dense_if_incompatible=config.dense_if_incompatible)
-    else:
-        masks = compute_masks(scores, sparsity, allocation, groups=groups, magnitudes=magnitudes)
-        if not config.allow_degenerate:
-            _check_degenerate(scores, masks, sparsity, method, spec)
+    if updated is None:
+        assert scores is not None
+        if config.invert:
+            scores = {name: -s for name, s in scores.items()}
+        if config.pattern is not None:
+            masks = pattern_masks(scores, config.pattern, dense_if_incompatible=config.dense_if_incompatible)
+        else:
+            masks = compute_masks(scores, sparsity, allocation, groups=groups, magnitudes=magnitudes)
+            if not config.allow_degenerate:
+                _check_degenerate(scores, masks, sparsity, method, spec)
     _warn_nearly_empty(masks, sparsity)
     cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
     return PruningResult(
@@ -177,12 +205,26 @@ def prune(
         invert=config.invert,
         preset=preset,
         calibration=info,
-        scores=cpu(scores) if keep_scores else None,
+        scores=cpu(scores) if keep_scores and scores is not None else None,
         magnitudes=cpu(magnitudes) if keep_scores and magnitudes is not None else None,
         exclude=config.exclude,
         dense_layers=_dense_layers(model, targets),
         pattern=config.pattern,
+        weights=None if updated is None else {name: w.detach().cpu() for name, w in updated.items()},
     )
+
+
+def _check_weight_updating(config: PruningConfig) -> None:
+    """Refuse the settings a weight-updating method (SparseGPT, CHITA) has no meaning for, naming them."""
+    method, own = config.method, config.spec.allocation
+    if config.invert:
+        raise ValueError(f"method {method!r} solves for the weights it keeps; invert=True has no meaning for it")
+    if config.allocation not in (None, own):
+        raise ValueError(f"method {method!r} allocates by its own rule ({own!r}); allocation={config.allocation!r} "
+                         "cannot apply")
+    if config.pattern is not None and config.spec.needs != "hessians":
+        raise ValueError(f"method {method!r} keeps the k best weights of the whole model; it has no N:M variant "
+                         f"(pattern={config.pattern!r}); sparsegpt has one")
 
 
 def _full_weights(targets: Mapping[str, Target], spec: Method) -> dict[str, Tensor]:
@@ -192,7 +234,7 @@ def _full_weights(targets: Mapping[str, Target], spec: Method) -> dict[str, Tens
     mask upkeep then shards like the parameters. Gradient methods are not verified under FSDP2.
     """
     sharded = [name for name, t in targets.items() if is_dtensor(t.param)]
-    if sharded and spec.needs == "gradients":
+    if sharded and spec.needs in ("gradients", "gradient_rows"):
         raise NotImplementedError(
             f"method {spec.name!r} is not supported on sharded (FSDP2/DTensor) parameters (first: {sharded[:3]}); "
             "use multiflow, wanda, omp, lamp or random, or compute the masks unsharded and pass masks="
@@ -317,34 +359,18 @@ def _iterative_snip(
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """IterSNIP: T rounds at sparsity 1 - (1 - s)^((t+1)/T), zeroing weights between rounds.
 
-    The calibration batches (the first `num_batches`) are split over the rounds, each round taking
-    the next slice, so every batch is used once; with fewer batches than rounds they are reused so
-    that each round has one. Data without a length (a generator, a DataLoader over an
-    IterableDataset) is counted first: a one-shot iterator is kept in a list, any other iterable is
-    walked once more. The model's weights are restored when done, so only the scores carry the result.
+    The calibration batches are split over the rounds (`_round_batches`). The model's weights are
+    restored when done, so only the scores carry the result.
     """
-    rank, world = shard if shard is not None else (0, 1)
-    presharded = distributed_sampler_shard(calibration)
-    if presharded is not None:  # already this rank's share: its batch i is global batch i * world + rank
-        sampler_rank, sampler_world = presharded
-        if num_batches is not None:
-            num_batches = max(0, -(-(num_batches - sampler_rank) // sampler_world))
-        rank, world = 0, 1
-    source = _replayable(calibration, num_batches)
-    total = _count_batches(source, num_batches)
-    if total == 0:
-        raise ValueError("method 'itersnip': the calibration data yielded no batches (empty loader?)")
     originals = {name: t.param.detach().clone() for name, t in targets.items()}
-    stream = enumerate(_cycle(source, total))
     seen = 0
     scores: dict[str, Tensor] = {}
     try:
-        for t, size in enumerate(_round_sizes(total, rounds)):
+        for t, (_, batches) in enumerate(_round_batches(calibration, num_batches, shard, rounds, "itersnip")):
             round_sparsity = 1.0 - (1.0 - sparsity) ** ((t + 1) / rounds)
-            chunk = itertools.islice(stream, size)
-            batches = ((i, b) for i, b in chunk if i % world == rank)
             stats = collect_gradients(
-                model, targets, calibration, loss, reduce=reduce, transfer=transfer, progress=progress, batches=batches
+                model, targets, calibration, loss, reduce=reduce, transfer=transfer, progress=progress,
+                batches=((i, b) for _, i, b in batches),
             )
             _check_seen(stats.num_batches, stats.calls, "itersnip")
             seen += stats.num_batches
@@ -356,6 +382,93 @@ def _iterative_snip(
             for name, t in targets.items():
                 t.param.copy_(originals[name])
     return scores, {"num_batches": seen, "rounds": rounds}
+
+
+def _chita(
+    model: nn.Module,
+    targets: dict[str, Target],
+    calibration: Iterable[Batch],
+    loss: Callable[[nn.Module, Batch], Tensor],
+    sparsity: float,
+    method: str,
+    *,
+    rounds: int,
+    num_batches: int | None,
+    shard: tuple[int, int] | None,
+    reduce: ReduceFn | None,
+    transfer: Callable[[Batch], Batch] | None,
+    progress: bool,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
+    """CHITA (one round) or CHITA++ (`rounds` rounds, each on the pruned, updated model): (masks, weights, info).
+
+    The calibration batches are split over the rounds like IterSNIP's; the model's weights are
+    restored when done, the new ones travel in the result.
+    """
+    del progress  # one line per round would be all a bar could show
+    rounds = rounds if method == "chita++" else 1
+    weights = sum(t.param.numel() for t in targets.values())
+    originals = {name: t.param.detach().clone() for name, t in targets.items()}
+    masks: dict[str, Tensor] | None = None
+    updated: dict[str, Tensor] = {}
+    seen = 0
+    try:
+        for round_sparsity, (rows, batches) in zip(
+            C.round_sparsities(sparsity, rounds), _round_batches(calibration, num_batches, shard, rounds, method)
+        ):
+            C.check_memory(method, rows, weights)
+            A, batch_size = C.gradient_rows(model, targets, batches, loss, rows, masks=masks, reduce=reduce,
+                                            transfer=transfer)
+            seen += rows
+            updated = C.chita_round(A, {n: t.param for n, t in targets.items()}, round_sparsity, batch_size)
+            del A
+            masks = {n: (w != 0).to(targets[n].param.device) for n, w in updated.items()}
+            with torch.no_grad():
+                for name, t in targets.items():
+                    t.param.copy_(updated[name])
+    finally:
+        with torch.no_grad():
+            for name, t in targets.items():
+                t.param.copy_(originals[name])
+    assert masks is not None
+    info = {"num_batches": seen, "rounds": rounds, "lambda": C.LAMBDA, "block_size": C.BLOCK_SIZE}
+    return masks, updated, info
+
+
+def _round_batches(
+    calibration: Iterable[Batch], num_batches: int | None, shard: tuple[int, int] | None, rounds: int, method: str
+) -> Iterator[tuple[int, Iterator[tuple[int, int, Batch]]]]:
+    """Per round: (its number of batches, this process's (row in the round, batch index, batch)).
+
+    The calibration batches (the first `num_batches`) are split over the rounds, each round taking
+    the next slice, so every batch is used once; with fewer batches than rounds they are reused so
+    that each round has one. Data without a length (a generator, a DataLoader over an
+    IterableDataset) is counted first: a one-shot iterator is kept in a list, any other iterable is
+    walked once more. A DistributedSampler loader is this rank's share: its rows interleave the ranks.
+    Each round's batches must be consumed before the next round is asked for.
+    """
+    rank, world = shard if shard is not None else (0, 1)
+    spread, offset = 1, 0
+    presharded = distributed_sampler_shard(calibration)
+    if presharded is not None:  # already this rank's share: its batch i is global batch i * world + rank
+        offset, spread = presharded
+        if num_batches is not None:
+            num_batches = max(0, -(-(num_batches - offset) // spread))
+        rank, world = 0, 1
+    source = _replayable(calibration, num_batches)
+    total = _count_batches(source, num_batches)
+    if total == 0:
+        raise ValueError(f"method {method!r}: the calibration data yielded no batches (empty loader?)")
+    stream = enumerate(_cycle(source, total))
+    start = 0
+    for size in _round_sizes(total, rounds):
+        chunk = itertools.islice(stream, size)
+        yield size * spread, _rows(chunk, start, spread, offset, rank, world)
+        start += size
+
+
+def _rows(chunk: Iterable[tuple[int, Batch]], start: int, spread: int, offset: int, rank: int, world: int
+          ) -> Iterator[tuple[int, int, Batch]]:
+    return (((i - start) * spread + offset, i, b) for i, b in chunk if i % world == rank)
 
 
 def _replayable(calibration: Iterable[Batch], num_batches: int | None) -> Iterable[Batch]:

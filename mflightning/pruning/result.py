@@ -21,6 +21,7 @@ from .allocation import compute_masks, parse_pattern, pattern_masks
 from .checksum import KEY as CHECKSUM_KEY, tensors_checksum, verify_checksum
 from .files import atomic_save_file
 from .config import check_sparsity
+from .weights import carried_at, check_carried_weights, write_weights
 from .naming import _add_inherited, _match_names, copy_sources, declared_copies, prunable_layers  # noqa: F401  (prunable_layers re-exported)
 
 FORMAT = "mflightning-masks/1"
@@ -57,6 +58,9 @@ class PruningResult:
     dense_layers: dict[str, int] | None = None
     source: str | None = field(default=None, compare=False)
     pattern: str | None = None  # "N:M" when every row keeps N of each M consecutive inputs
+    # new values of the masked weights, from methods that update the kept ones (SparseGPT, CHITA):
+    # `apply` writes them, files hold them, `at` refuses to re-threshold (see `weights.py`)
+    weights: dict[str, Tensor] | None = None
 
     def __post_init__(self) -> None:
         if not self.version:
@@ -64,6 +68,7 @@ class PruningResult:
         missing = set(self.masks) ^ set(self.groups)
         if missing:
             raise ValueError(f"masks and groups name different layers: {sorted(missing)[:5]}")
+        check_carried_weights(self)
 
     # ------------------------------------------------------------------ figures
     @property
@@ -164,6 +169,8 @@ class PruningResult:
         elif sparsity is None:
             raise ValueError("at() needs a sparsity or a pattern")
         sparsity = check_sparsity(sparsity)
+        if self.weights is not None:  # solved for its own sparsity: the same one or an error
+            return carried_at(self, sparsity, pattern)
         if self.pattern is not None and pattern is None and not math.isclose(sparsity, self.target_sparsity, abs_tol=1e-12):
             raise ValueError(
                 f"{self._where()} follow the N:M pattern {self.pattern!r}, whose sparsity is fixed at "
@@ -241,11 +248,13 @@ class PruningResult:
     ) -> dict[str, Tensor]:
         """Zero the pruned weights of `model` in place; returns the masks keyed by its parameter names.
 
-        The copies `model` declares (`pruning_copies`, e.g. momentum encoders) are zeroed with their
-        sources' masks too (they are not in the returned masks). `prefix`, `exclude` and `partial` are
-        those of `masks_for`.
+        A result that carries updated weights (SparseGPT, CHITA) writes them first. The copies
+        `model` declares (`pruning_copies`, e.g. momentum encoders) are zeroed with their sources'
+        masks too (and take their updated weights; they are not in the returned masks). `prefix`,
+        `exclude` and `partial` are those of `masks_for`.
         """
         resolved = self.masks_for(model, prefix=prefix, exclude=exclude, partial=partial)
+        self.write_weights(model, prefix=prefix, exclude=exclude, partial=partial)
         apply_masks(model, resolved)
         rules = declared_copies(model)
         if rules:
@@ -253,6 +262,30 @@ class PruningResult:
             sources = copy_sources(names, rules, lambda n: n in resolved, where=type(model).__name__)
             apply_masks(model, {copy: resolved[source] for copy, source in sources.items()})
         return resolved
+
+    def write_weights(
+        self, model: nn.Module, *, prefix: str | None = None, exclude: Iterable[str] = (), partial: bool = False
+    ) -> None:
+        """Write the carried weights (SparseGPT, CHITA) into `model`, and into the copies it declares; no-op without."""
+        carried = self.weights_for(model, prefix=prefix, exclude=exclude, partial=partial)
+        if carried is None:
+            return
+        rules = declared_copies(model)
+        if rules:
+            names = [n for n, _ in model.named_parameters()]
+            sources = copy_sources(names, rules, lambda n: n in carried, where=type(model).__name__)
+            carried.update({copy: carried[source] for copy, source in sources.items()})
+        write_weights(model, carried)
+
+    def weights_for(
+        self, model: nn.Module, *, prefix: str | None = None, exclude: Iterable[str] = (), partial: bool = False
+    ) -> dict[str, Tensor] | None:
+        """The carried weights keyed by `model`'s parameter names (as `masks_for` names the masks); None if none."""
+        if self.weights is None:
+            return None
+        # named exactly as the masks are: the same resolution with the weights in the masks' place
+        as_masks = replace(self, masks=self.weights, weights=None, scores=None, magnitudes=None, method="weights")
+        return as_masks.masks_for(model, prefix=prefix, exclude=exclude, partial=partial)
 
     def _check_coverage(
         self,
@@ -296,7 +329,8 @@ class PruningResult:
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike, include_scores: bool = False) -> Path:
-        """Write a safetensors file: masks (+ scores/magnitudes if asked) and JSON metadata.
+        """Write a safetensors file: masks (+ scores/magnitudes if asked; + the solved weights of
+        SparseGPT / CHITA, always, which have no scores) and JSON metadata.
 
         The file is written under a temporary name in the same folder and then renamed over
         `path` (`os.replace`, atomic), so an interrupted save never leaves a truncated file where a
@@ -305,7 +339,9 @@ class PruningResult:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"mask/{n}": m.detach().to("cpu", torch.bool).contiguous() for n, m in self.masks.items()}
-        if include_scores:
+        if self.weights is not None:  # always: masks of a weight-updating method are meaningless without them
+            tensors.update({f"weight/{n}": w.detach().cpu().contiguous() for n, w in self.weights.items()})
+        if include_scores and not (self.scores is None and self.weights is not None):  # solved weights: no scores
             if self.scores is None:
                 raise ValueError("include_scores=True but this result holds no scores")
             tensors.update({f"score/{n}": s.detach().float().cpu().contiguous() for n, s in self.scores.items()})
@@ -357,6 +393,7 @@ class PruningResult:
         masks = {k[5:]: v.bool() for k, v in tensors.items() if k.startswith("mask/")}
         scores = {k[6:]: v for k, v in tensors.items() if k.startswith("score/")} or None
         magnitudes = {k[10:]: v for k, v in tensors.items() if k.startswith("magnitude/")} or None
+        weights = {k[7:]: v for k, v in tensors.items() if k.startswith("weight/")} or None
         if set(masks) != set(groups):
             raise ValueError(f"{str(path)!r}: masks and group metadata name different layers")
         dense_layers = metadata.get("dense_layers")
@@ -376,6 +413,7 @@ class PruningResult:
             exclude=tuple(json.loads(metadata.get("exclude", "[]"))),
             dense_layers=None if dense_layers is None else json.loads(dense_layers),
             source=str(path),
+            weights=weights,
         )
 
 

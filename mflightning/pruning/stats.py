@@ -83,7 +83,8 @@ class _SquaredInputs:
     values. Inference tensors have no version counter and are never shared.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, gram: bool = False) -> None:
+        self.gram = gram  # X^T X of the kept tokens (SparseGPT's Hessian) instead of the squares' sums
         self.mask: Tensor | None = None  # the batch's (B, L) token mask, bool
         # one entry per way of reducing: unfiltered, filtered (B, L, ...), filtered (L, B, ...), filtered
         # (B*L, D): tokens flattened batch-major before the layer (OPT's fc1/fc2)
@@ -128,6 +129,8 @@ class _SquaredInputs:
         else:
             features = x
         features = features.reshape(-1, x.shape[-1]).float()  # squared in fp32 whatever the compute dtype
+        if self.gram:
+            return features.T @ features
         return features.square().sum(0)  # much faster on CPU than vector_norm(dim=0)
 
     def clear(self) -> None:
@@ -166,8 +169,12 @@ def collect_input_norms(
     transfer: Callable[[Batch], Batch] | None = None,
     progress: bool = False,
     lockstep: bool = False,
+    gram: bool = False,
 ) -> CalibrationStats:
     """Sum over calibration tokens of each prunable layer's squared input, per input feature.
+
+    `gram=True` sums the outer products instead, X^T X (in x in, SparseGPT's Hessian), with the
+    same token filtering, hooks and reduction.
 
     The model runs in eval mode without gradients (every submodule's mode is restored after);
     inputs are squared in fp32 and summed in fp64 whatever the compute dtype. Padding tokens
@@ -182,9 +189,10 @@ def collect_input_norms(
     device = next(iter(targets.values())).param.device
     acc_dtype = _accumulator_dtype(device)
     with torch.inference_mode(False):  # the sums must outlive an inference-mode caller
-        sums = {n: torch.zeros(t.param.shape[1], dtype=acc_dtype, device=device) for n, t in targets.items()}
+        sums = {n: torch.zeros((t.param.shape[1],) * (2 if gram else 1), dtype=acc_dtype, device=device)
+                for n, t in targets.items()}
     calls = {n: 0 for n in targets}
-    squared = _SquaredInputs()
+    squared = _SquaredInputs(gram)
     seq_first = seq_first_linears(model)
     recording = [True]  # False during a lockstep forward, whose statistics are not counted
     # layers no declaration says text or image of: one probe forward traces where their inputs come from

@@ -87,7 +87,7 @@ def test_tied_methods_share_the_mark():
 
 def test_bad_grid_values_are_named():
     with pytest.raises(ValueError, match="methods"):
-        QualitySettings(methods=("multiflow", "chita"))
+        QualitySettings(methods=("multiflow", "obs"))
     with pytest.raises(ValueError, match="sparsities"):
         QualitySettings(sparsities=(0.75, 1.0))
 
