@@ -22,8 +22,8 @@ class ShardedToy(ToyModule):
     a forward without backward (calibration, validation) leaves those unsharded, the layout that crashed
     at train end (issue 22, item 1)."""
 
-    def __init__(self, seed: int, root_layers: bool = False):
-        super().__init__(seed=seed)
+    def __init__(self, seed: int = 0, root_layers: bool = False, **kwargs):
+        super().__init__(seed=seed, **kwargs)
         self.root_layers = root_layers
 
     def configure_model(self):
