@@ -31,6 +31,16 @@ log = logging.getLogger("mflightning.data")
 JsonPaths = str | os.PathLike | Sequence[str | os.PathLike]
 
 
+def seeded_transform(transform: Callable, image: Any, seed: int | None, index: int) -> Any:
+    """`transform(image)`; with a `seed`, its randomness drawn from torch's RNG seeded with (seed, index), the
+    global RNG left as it was: item `index` gets the same crop every pass, in any process or loader worker."""
+    if seed is None:
+        return transform(image)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + index)
+        return transform(image)
+
+
 class _ImageDataset(Dataset):
     """Shared image loading: decode errors name the image and its record; skip mode returns None."""
 
@@ -61,11 +71,7 @@ class _ImageDataset(Dataset):
             log.warning("skipping record (%d load failures in this process so far): %s",
                         self.num_load_failures, message)
             return None
-        if self.augment_seed is None:
-            return self.transform(image)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.augment_seed * 1_000_003 + index)
-            return self.transform(image)
+        return seeded_transform(self.transform, image, self.augment_seed, index)
 
 
 class ImageTextDataset(_ImageDataset):

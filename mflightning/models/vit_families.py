@@ -25,6 +25,7 @@ the config's (Dinov2 always interpolates). No token mask: every image token coun
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -134,6 +135,12 @@ HEADS = {
     "timm_vit": (_ANY + r"(head|head_dist|attn_pool)\.",),
     "torchvision_vit": (_ANY + r"heads?\.",),
 }
+# The parts of an encoder its `features` never run (frozen by `load_vision_backbone`).
+UNUSED_BY_FEATURES = {
+    "vit": r"^pooler\.",
+    "timm_vit": r"^(head|head_dist)\.",
+    "torchvision_vit": r"^heads\.",
+}
 
 
 def family_of(module: nn.Module) -> VisionFamily | None:
@@ -160,8 +167,6 @@ def find_vision_models(model: nn.Module) -> list[tuple[str, nn.Module, VisionFam
 
 def _outside(model: nn.Module, found: list[tuple[str, nn.Module, VisionFamily]], preset: str) -> list[str]:
     """Prunable layers of `model` neither inside a found vision model nor one of the preset's dense heads."""
-    import re
-
     heads = [re.compile(p) for p in HEADS[preset]]
     return [
         name for name, module in model.named_modules()
@@ -240,3 +245,77 @@ for _name in FAMILIES:
         _name, groups=GROUPS[_name], exclude=HEADS[_name], image_groups=("vision",), adapter=_adapter(_name),
         description=_DESCRIPTIONS[_name],
     )
+
+
+# ------------------------------------------------------------------------------------ backbones
+
+BUILDERS = ("vit", "dinov2", "timm", "torchvision")
+
+
+def _from_config(spec: Mapping[str, Any]) -> nn.Module:
+    """A randomly initialised encoder from ``{"family": vit|dinov2|timm|torchvision, **its config}`` (tests, benchmarks)."""
+    kwargs = dict(spec)
+    family = kwargs.pop("family", None)
+    if family == "vit":
+        from transformers import ViTConfig, ViTModel
+
+        return ViTModel(ViTConfig(**kwargs), add_pooling_layer=False)
+    if family == "dinov2":
+        from transformers import Dinov2Config, Dinov2Model
+
+        return Dinov2Model(Dinov2Config(**kwargs))
+    if family == "timm":
+        from timm.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(**{"num_classes": 0, **kwargs})
+    if family == "torchvision":
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(**kwargs)
+    raise ValueError(f"backbone config: 'family' must be one of {list(BUILDERS)}, got {family!r}")
+
+
+def _from_name(name: str) -> nn.Module:
+    """``timm:<name>`` (timm.create_model, pretrained, no classifier), ``torchvision:<name>`` (default weights), else a
+    transformers hub name or local directory (AutoModel; ViT/DeiT without their pooler)."""
+    if name.startswith("timm:"):
+        import timm
+
+        return timm.create_model(name[len("timm:"):], pretrained=True, num_classes=0)
+    if name.startswith("torchvision:"):
+        from torchvision.models import get_model
+
+        return get_model(name[len("torchvision:"):], weights="DEFAULT")
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(name)
+    options = {"add_pooling_layer": False} if config.model_type in ("vit", "deit") else {}
+    return AutoModel.from_pretrained(name, **options)
+
+
+def load_vision_backbone(spec: Any) -> tuple[nn.Module, VisionFamily]:
+    """(encoder, family) from a model instance, a name (`_from_name`) or a config dict (`_from_config`).
+
+    A transformers *ForImageClassification gives its encoder (its classifier is left out). The encoder's own
+    classifier, pooler or MAP head (timm's ``head``, torchvision's ``heads``, ViTModel's ``pooler``) is frozen:
+    image features are read before them, so they get no gradient (plain DDP needs every trainable one used).
+    """
+    if isinstance(spec, str):
+        module = _from_name(spec)
+    elif isinstance(spec, Mapping):
+        module = _from_config(spec)
+    elif isinstance(spec, nn.Module):
+        module = spec
+    else:
+        raise TypeError(f"backbone must be a model, a name or a config dict, got {type(spec).__name__}")
+    family = family_of(module)
+    if family is None:
+        supported = {f.library.rstrip("."): list(f.classes) for f in FAMILIES.values()}
+        raise TypeError(f"backbone {type(module).__module__}.{type(module).__name__} is not a supported vision "
+                        f"transformer; supported: {supported}")
+    encoder = family.encoder(module)
+    unused = re.compile(UNUSED_BY_FEATURES[family.preset])
+    for name, param in encoder.named_parameters():
+        if unused.search(name):
+            param.requires_grad_(False)
+    return encoder, family
