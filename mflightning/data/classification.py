@@ -204,6 +204,10 @@ class ImageFolderCalibration:
         object.__setattr__(self, "crop_scale", check_crop_scale(self.crop_scale, "calibration.crop_scale"))
 
 
+# The datamodule's hyperparameters hold this config: a resumed fit's `torch.load(weights_only=True)` must accept it.
+torch.serialization.add_safe_globals([ImageFolderCalibration])
+
+
 def read_calibration_folder(image_root: str | os.PathLike) -> tuple[list[str], list[int] | None, list[str]]:
     """(files, labels or None, classes) of a calibration folder: class folders give labels, loose images none."""
     root = Path(image_root)

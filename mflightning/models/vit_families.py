@@ -137,7 +137,7 @@ HEADS = {
 }
 # The parts of an encoder its `features` never run (frozen by `load_vision_backbone`).
 UNUSED_BY_FEATURES = {
-    "vit": r"^pooler\.",
+    "vit": r"^(pooler\.|embeddings\.mask_token$)",  # the mask token: masked-image pretraining only
     "timm_vit": r"^(head|head_dist)\.",
     "torchvision_vit": r"^heads\.",
 }
