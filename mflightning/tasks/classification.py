@@ -8,6 +8,7 @@ at lr 1e-5, betas (0.9, 0.999), 10% linear warmup then cosine decay to 0, per op
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 import lightning.pytorch as pl
@@ -17,8 +18,48 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from mflightning.models.vit_families import images_of, load_vision_backbone
+from mflightning.models.vit_families import VisionFamily, images_of, load_vision_backbone
 from mflightning.tasks.optim import Schedule, check_schedule, configure_adamw
+
+
+def vision_tower(backbone: nn.Module, probe_size: int = 32) -> VisionFamily:
+    """Classify with the image encoder of a vision-language backbone (BLIP, XVLM): features are the CLS token of
+    ``encode_image``. One probe forward/backward on a blank image finds the feature width and the parameters the
+    features use; the others (text encoder, decoder, projections) are frozen, so plain DDP sees no unused
+    parameter. The masks of the whole backbone still apply (its preset is kept), so one mask file serves this
+    task and the vision-language ones."""
+    was_training = backbone.training
+    backbone.train()
+    features = backbone.encode_image(torch.zeros(1, 3, probe_size, probe_size))[:, 0]
+    grads = torch.autograd.grad(features.sum(), [p for p in backbone.parameters() if p.requires_grad],
+                                allow_unused=True)
+    used = iter(g is not None for g in grads)
+    for param in backbone.parameters():
+        if param.requires_grad and not next(used):
+            param.requires_grad_(False)
+    backbone.train(was_training)
+    width = int(features.shape[-1])
+    return VisionFamily(
+        backbone.pruning_preset, "mflightning.", (type(backbone).__name__,),
+        run=lambda m, images: m.encode_image(images), features=lambda m, images: m.encode_image(images)[:, 0],
+        feature_dim=lambda m: width, encoder=lambda m: m,
+    )
+
+
+def with_dense_head(preset: str) -> str:
+    """`preset`, or when it does not keep the module's classifier ``head`` dense, ``<preset>+head``: the same
+    preset with ``^head\\.`` excluded (registered once), so masks of the backbone cover the module."""
+    from mflightning.pruning.presets import get_preset, register_preset
+
+    base = get_preset(preset)
+    if any(re.search(pattern, "head.weight") for pattern in base.exclude):
+        return preset
+    register_preset(
+        f"{preset}+head", groups=base.groups, exclude=(*base.exclude, r"^head\."), unfiltered=base.unfiltered,
+        description=f"{base.description}; a classifier `head` dense", inherit=base.inherit,
+        image_groups=base.image_groups, exclude_for=base.exclude_for, adapter=base.adapter,
+    )
+    return f"{preset}+head"
 
 
 class ImageClassificationModule(pl.LightningModule):
@@ -26,8 +67,9 @@ class ImageClassificationModule(pl.LightningModule):
 
     Args:
         backbone: a model instance (a *ForImageClassification gives its encoder), a transformers hub
-            name or directory (``facebook/dino-vitb16``), ``timm:<name>``, ``torchvision:<name>``, or a
-            config dict ``{"family": "vit"|"dinov2"|"timm"|"torchvision", ...}`` for a random encoder.
+            name or directory (``facebook/dino-vitb16``), ``timm:<name>``, ``torchvision:<name>``, a
+            config dict ``{"family": "vit"|"dinov2"|"timm"|"torchvision", ...}`` for a random encoder, or a
+            vision-language backbone (BLIP, XVLM: its image encoder, `vision_tower`).
         num_classes: classes of the head.
         lr, weight_decay, betas: AdamW settings (weight_decay 0: Adam, as the authors).
         warmup_ratio, warmup_steps: linear warmup over that fraction of the optimizer steps, or that many.
@@ -57,9 +99,12 @@ class ImageClassificationModule(pl.LightningModule):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         check_schedule(schedule, warmup_steps, warmup_ratio)
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else [])
-        self.backbone, self.family = load_vision_backbone(backbone)
+        if hasattr(backbone, "encode_image") and hasattr(backbone, "pruning_preset"):  # a VisionLanguageBackbone
+            self.backbone, self.family = backbone, vision_tower(backbone)
+        else:
+            self.backbone, self.family = load_vision_backbone(backbone)
         # The preset travels with the module: prune() and MultiFlowCallback read it (the head stays dense).
-        self.pruning_preset = self.family.preset
+        self.pruning_preset = with_dense_head(self.family.preset)
         self.head = nn.Linear(self.family.feature_dim(self.backbone), num_classes)
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_ratio, self.warmup_steps, self.schedule, self.min_lr = warmup_ratio, warmup_steps, schedule, min_lr
@@ -68,6 +113,7 @@ class ImageClassificationModule(pl.LightningModule):
                                     for k in sorted(set(top_k)) if 1 <= k <= num_classes})
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        self.eval_results: dict[str, dict[str, float]] = {}  # stage -> {"top1": ..., "top5": ...}
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, D) image features of the backbone."""
@@ -103,6 +149,17 @@ class ImageClassificationModule(pl.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._keep_results("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._keep_results("test", self.test_metrics)
+
+    def _keep_results(self, stage: str, metrics: MetricCollection) -> None:
+        """The epoch's accuracies (fractions, summed over processes) in ``eval_results[stage]``, as the other tasks."""
+        if not self.trainer.sanity_checking:
+            self.eval_results[stage] = {name.split("/", 1)[1]: float(v) for name, v in metrics.compute().items()}
 
     # ----------------------------------------------------------------- pruning hooks
     def calibration_step(self, batch: Any) -> torch.Tensor:
