@@ -82,9 +82,23 @@ def finetune_classification(backbone, root: str | os.PathLike, budget, *, seed: 
     for split in ("train", "test"):
         files, labels, classes = read_image_folder(Path(root) / split)
         splits[split] = LabeledImages(files, labels, transform, classes)
-    data = L.LightningDataModule.from_datasets(train_dataset=splits["train"], test_dataset=splits["test"],
-                                               batch_size=budget.batch_size, num_workers=num_workers)
+    data = _loaders(splits["train"], splits["test"], budget.batch_size, num_workers)
     module = ImageClassificationModule(copy.deepcopy(backbone), num_classes=len(CLASSES), lr=budget.lr,
                                        weight_decay=0.0, warmup_ratio=0.1)
     metrics, sparsity = fit_and_test(module, data, masks=masks, epochs=budget.epochs, root_dir=root_dir)
     return {k: 100.0 * v for k, v in metrics.items()}, sparsity
+
+
+def _loaders(train, test, batch_size: int, num_workers: int):
+    """A datamodule of a shuffled training loader that drops its partial batch (as the other tasks') and a test one."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    class Loaders(L.LightningDataModule):
+        def train_dataloader(self):
+            return DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=num_workers)
+
+        def test_dataloader(self):
+            return DataLoader(test, batch_size=batch_size, num_workers=num_workers)
+
+    return Loaders()

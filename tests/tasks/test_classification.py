@@ -125,3 +125,21 @@ def test_the_authors_optimiser_and_schedule():
     assert seen[:3] == pytest.approx([1e-5 / 3, 2e-5 / 3, 1e-5])
     assert seen[3 + 13] == pytest.approx(1e-5 * 0.5 * (1 + math.cos(math.pi * 13 / 27)))
     assert seen[-1] < 1e-7
+
+
+def test_a_vision_language_backbone_trains_its_image_encoder_under_its_own_preset():
+    from mflightning.models import BlipBackbone, tiny_config
+
+    torch.manual_seed(0)
+    module = ImageClassificationModule(BlipBackbone(tiny_config(vocab_size=50, image_size=SIZE, patch_size=8)),
+                                       num_classes=4)
+    trainable = [n for n, p in module.backbone.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("vision_model.") for n in trainable)  # text side and projections frozen
+    assert module(torch.randn(2, 3, SIZE, SIZE)).shape == (2, 4)
+    # masks of the bare backbone (vision and text groups) cover the module: its head is dense under "blip+head"
+    assert module.pruning_preset == "blip+head"
+    calibration = [{"image": torch.randn(2, 3, SIZE, SIZE), "input_ids": torch.randint(5, 50, (2, 6)),
+                    "attention_mask": torch.ones(2, 6, dtype=torch.long)}]
+    masks = prune(module.backbone, sparsity=0.5, calibration=calibration)
+    resolved = masks.masks_for(module)
+    assert set(resolved) == {f"backbone.{n}" for n in masks.masks}
