@@ -1,9 +1,12 @@
 """The quality benchmark's miniature of the paper's vision-only transfer (Sec. A.2): image classification on the
 synthetic world's objects, fine-tuning the image encoder of the same pruned BLIP / XVLM backbone.
 
-Each image holds one object of the world (its shapes, colours, sizes and grid cells, drawn by the world's own
-renderer); its class is "<colour> <shape>" (30 classes). The mask file of a (model, method, sparsity) is the one
-the vision-language tasks fine-tune: pruning stays task-agnostic, and this task reads only its vision group.
+Each image holds one large object of the world in a random grid cell (its shapes and colours, drawn by the world's
+own renderer); its class is "<colour> <shape>" (30 classes). Colour alone gives top-5 (the five shapes of a
+colour), so top-1 measures shape: with the world's small objects too, or 16 images per class, the dense BLIP
+stayed under 31% top-1; large objects, 32 per class and 20 epochs gave 48% (world 0, seed 0). The mask file of a
+(model, method, sparsity) is the one the vision-language tasks fine-tune: pruning stays task-agnostic, and this
+task reads only its vision group.
 `ImageClassificationModule` puts a dense linear head on the CLS token of `encode_image`; the text side is frozen.
 Images are only resized and normalised (no random transforms), as in the other tasks of the benchmark.
 Metrics are top-1 / top-5 accuracy in percent; the image-blind level is the most frequent training class.
@@ -18,15 +21,15 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from mflightning.data.synthetic import COLORS, SHAPES, SIZES, SceneObject, render_scene
+from mflightning.data.synthetic import COLORS, SHAPES, SceneObject, render_scene
 
 CLASSES = tuple(f"{color} {shape}" for color in COLORS for shape in SHAPES)
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 
 def images_per_class(train: int, test: int) -> tuple[int, int]:
-    """(training, test) images per class from the world's Karpathy train/test sizes (CPU: 160/60 -> 16/8)."""
-    return max(2, train // 10), max(1, test // 7)
+    """(training, test) images per class from the world's Karpathy train/test sizes (CPU: 160/60 -> 32/8)."""
+    return max(2, train // 5), max(1, test // 7)
 
 
 def classification_world(root: str | os.PathLike, seed: int, image_size: int, per_class: tuple[int, int]) -> Path:
@@ -42,7 +45,7 @@ def classification_world(root: str | os.PathLike, seed: int, image_size: int, pe
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 rng = random.Random(f"mflightning-classes/{seed}/{split}/{name}/{i}")
-                obj = SceneObject(shape, color, rng.choice(SIZES), rng.randrange(3), rng.randrange(3))
+                obj = SceneObject(shape, color, "large", rng.randrange(3), rng.randrange(3))
                 render_scene([obj], image_size, rng).save(folder / f"{i:04d}.png", format="PNG")
     (root / "classes.json").write_text(json.dumps(manifest))
     return root

@@ -62,7 +62,7 @@ HEADLINE_LABELS = {"retrieval": "R@1 (TR, IR mean)", "captioning": "CIDEr", "vqa
 BUDGET_FIELDS = tuple(f.name for f in fields(TaskSettings))  # ("epochs", "lr", "batch_size")
 
 
-CLASSIFICATION_EPOCHS, CLASSIFICATION_LR = 5, 5e-4
+CLASSIFICATION_EPOCHS, CLASSIFICATION_LR = 20, 1e-3
 
 
 def default_budgets() -> dict[str, dict[str, TaskSettings]]:

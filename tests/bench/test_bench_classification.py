@@ -30,10 +30,10 @@ def test_classification_is_opt_in_and_leaves_the_default_fingerprint_alone():
     assert "classification" not in default.tasks
     assert all("classification" not in per_task for per_task in settings_fingerprint(default)["budgets"].values())
     with_it = QualitySettings(tasks=("classification",))
-    assert settings_fingerprint(with_it)["budgets"]["blip"]["classification"] == {"epochs": 5, "lr": 5e-4,
+    assert settings_fingerprint(with_it)["budgets"]["blip"]["classification"] == {"epochs": 20, "lr": 1e-3,
                                                                                   "batch_size": 32}
-    # 16 images per class at the CPU world's 160 training images: 480 per epoch, batches of 32
-    assert optimizer_steps(with_it)["steps_per_fine_tuning"]["blip"]["classification"] == 5 * 15
+    # 32 images per class at the CPU world's 160 training images: 960 per epoch, batches of 32
+    assert optimizer_steps(with_it)["steps_per_fine_tuning"]["blip"]["classification"] == 20 * 30
 
 
 def test_the_pruned_backbone_is_fine_tuned_on_its_image_encoder_with_exact_masks(tmp_path):
