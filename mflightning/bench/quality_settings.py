@@ -8,9 +8,9 @@ from typing import Any
 from mflightning.data.synthetic import CAPTIONS_PER_IMAGE, WorldSizes
 from mflightning.families import FAMILIES, BackboneFamily, ModelSize, TaskSettings
 from mflightning.families import TASKS as VL_TASKS
+from mflightning.pretrain import PretrainConfig
 
 from .quality_classification import CLASSES, images_per_class
-from mflightning.pretrain import PretrainConfig
 
 MODELS = tuple(FAMILIES)  # ("blip", "xvlm"): the registered backbone families
 # The vision-language tasks run by default; `--tasks classification` adds the vision-only miniature
