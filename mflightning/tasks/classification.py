@@ -124,9 +124,11 @@ class ImageClassificationModule(pl.LightningModule):
         return self.head(self.features(images))
 
     def _labelled(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images_of(batch)
-        labels = batch.get("label") if isinstance(batch, Mapping) else batch[1] if isinstance(batch, (tuple, list)) \
-            and len(batch) > 1 else None
+        images, labels = images_of(batch), None
+        if isinstance(batch, Mapping):
+            labels = batch.get("label")
+        elif isinstance(batch, (tuple, list)) and len(batch) > 1:
+            labels = batch[1]
         if labels is None:
             raise KeyError("a classification batch needs labels ('label' of a dict, or (images, labels))")
         return images, labels

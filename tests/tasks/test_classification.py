@@ -97,6 +97,8 @@ def test_every_backbone_kind_classifies_and_calibrates(kind):
                    forward=lambda m, b: m.calibration_step(b))
     assert "head.weight" in result.dense_layers
     assert all(n.startswith("backbone.") for n in result.masks)
+    with pytest.raises(KeyError, match="needs labels"):  # SNIP on unlabeled calibration images
+        module.pruning_loss({"image": images})
     # the SNIP loss reaches the backbone through the head
     module.pruning_loss({"image": images, "label": torch.tensor([0, 6])}).backward()
     assert all(module.get_parameter(n).grad is not None for n in result.masks)
