@@ -36,7 +36,7 @@ def main(workdir: str) -> None:
     dm, model = datamodule(workdir), module()
     masks = os.path.join(workdir, "masks.safetensors")
     callback = MultiFlowCallback(0.7, save_masks=masks)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, callbacks=[callback],
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, callbacks=[callback],
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          default_root_dir=workdir)
     trainer.fit(model, datamodule=dm)
