@@ -37,3 +37,20 @@ def tiny_clip_tokenizer(folder: str | os.PathLike, words: Iterable[str]) -> Any:
     with open(os.path.join(folder, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
     return CLIPTokenizer(vocab=os.path.join(folder, "vocab.json"), merges=os.path.join(folder, "merges.txt"))
+
+
+def write_image_folder(root: str | os.PathLike, splits: Iterable[str] = ("train", "test"),
+                       classes: Iterable[str] = ("cat", "dog", "owl"), per_class: int = 2) -> None:
+    """Small random PNG images in an ImageFolder layout, ``root/<split>/<class>/<split>_<i>.png`` (seeded)."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    for s, split in enumerate(splits):
+        for c, name in enumerate(classes):
+            folder = Path(root) / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                rng = np.random.default_rng([s, c, i])
+                Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(folder / f"{split}_{i}.png")

@@ -309,6 +309,19 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("carried-weights-not-written", "mflightning/pruning/result.py", "        write_weights(model, carried)",
            "        pass", "apply() and the callback zero the masks but keep the original kept weights",
            tests=("tests/pruning/test_weight_updating.py",)),
+    Mutant("vit-no-recogniser", "mflightning/__init__.py", "register_recogniser(_recognise_vision_family)",
+           "pass", "transformers/timm/torchvision ViTs are not recognised (modalities=None)",
+           tests=("tests/models/test_vit_families.py",)),
+    Mutant("vit-larger-model-taken", "mflightning/models/vit_families.py",
+           "    if not presets or _outside(model, found, presets[0]):", "    if not presets:",
+           "a ViT inside a larger model is taken for a vision-only one", tests=("tests/models/test_vit_families.py",)),
+    Mutant("torchvision-features-not-cls", "mflightning/models/vit_families.py",
+           "    return module.encoder(torch.cat([cls, tokens], dim=1))[:, 0]",
+           "    return module.encoder(torch.cat([cls, tokens], dim=1))[:, 1]",
+           "torchvision ViT features read a patch token, not CLS", tests=("tests/models/test_vit_families.py",)),
+    Mutant("cifar-rows-not-channel-major", "mflightning/data/classification.py",
+           ".reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)", ".reshape(-1, 32, 32, 3)",
+           "CIFAR pickle rows read as HWC: scrambled pixels", tests=("tests/data/test_classification_data.py",)),
 )
 
 

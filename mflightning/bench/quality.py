@@ -42,6 +42,8 @@ from mflightning.families import BackboneFamily, calibration_loader, finetune_ta
 from mflightning.pretrain import pretrain_record
 from mflightning.runtime import free_cores, quiet_libraries
 
+from .quality_classification import CLASSES, blind_level, finetune_classification
+from .quality_classification import world_for as classes_for
 from .quality_report import (cross_task, cross_task_table, dense_check, markdown_tables, plot_cross_task,
                              plot_quality, summarise)
 from .quality_settings import (  # noqa: F401  (importable from here as before)
@@ -65,6 +67,11 @@ from .quality_settings import (  # noqa: F401  (importable from here as before)
 def finetune(family: BackboneFamily, task: str, backbone, vocab: str, world, s: QualitySettings, seed: int, masks,
              work_dir: Path) -> dict[str, Any]:
     """Fine-tune a copy of `backbone` on `task` (kept sparse by `masks` when given); test metrics + sparsity."""
+    if task == "classification":  # the vision-only miniature: the image encoder on the world's objects
+        metrics, sparsity = finetune_classification(backbone, classes_for(world.root, s), s.budget(family.name, task),
+                                                    seed=seed, image_size=s.image_size, masks=masks,
+                                                    root_dir=work_dir, num_workers=s.loader_workers)
+        return {"metrics": {k: float(v) for k, v in metrics.items()}, "realised_sparsity": sparsity}
     metrics, sparsity = finetune_task(family, task, backbone, vocab, world, s.budget(family.name, task), seed=seed,
                                       k_test=s.k_test, image_size=s.image_size, masks=masks, output_dir=work_dir,
                                       root_dir=work_dir, num_workers=s.loader_workers)
@@ -123,6 +130,8 @@ def run_benchmark(out: str | os.PathLike, cache_dir: str | os.PathLike, s: Quali
     world = generate_world(cache_dir / f"world-{world_tag}", seed=s.world_seed, sizes=s.sizes,
                            image_size=s.image_size)
     log(f"[quality] world {world.root}")
+    if "classification" in s.tasks:  # written here, before any worker reads it
+        log(f"[quality] classification images {classes_for(world.root, s)}")
     model_dirs = {}
     for model in s.models:  # pretrained first (in this process): the backbones' workers only read them
         family = get_family(model)
@@ -154,6 +163,9 @@ def run_benchmark(out: str | os.PathLike, cache_dir: str | os.PathLike, s: Quali
     shutil.rmtree(out / "work", ignore_errors=True)
     runs = collect_runs(out, s)
     chance, blind = chance_and_blind(world)
+    if "classification" in s.tasks:
+        chance["classification"] = {"top1": 100.0 / len(CLASSES), "top5": 500.0 / len(CLASSES)}
+        blind["classification"] = blind_level(classes_for(world.root, s))
     report = {"settings": asdict(s), "runs": runs, "summary": summarise(runs), "cross_task": cross_task(runs, s),
               "reference": {"chance": chance, "image_blind": blind},
               "wall_seconds": round(time.perf_counter() - started, 1),  # this invocation (cached runs are skipped)

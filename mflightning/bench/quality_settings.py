@@ -6,11 +6,18 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from mflightning.data.synthetic import CAPTIONS_PER_IMAGE, WorldSizes
-from mflightning.families import FAMILIES, TASKS, BackboneFamily, ModelSize, TaskSettings
+from mflightning.families import FAMILIES, BackboneFamily, ModelSize, TaskSettings
+from mflightning.families import TASKS as VL_TASKS
 from mflightning.pretrain import PretrainConfig
 
+from .quality_classification import CLASSES, images_per_class
+
 MODELS = tuple(FAMILIES)  # ("blip", "xvlm"): the registered backbone families
-TASK_TITLES = {"retrieval": "Image-text retrieval", "captioning": "Image captioning", "vqa": "VQA"}
+# The vision-language tasks run by default; `--tasks classification` adds the vision-only miniature
+# (`quality_classification.py`: the same masks, the image encoder fine-tuned on the world's objects).
+TASKS = (*VL_TASKS, "classification")
+TASK_TITLES = {"retrieval": "Image-text retrieval", "captioning": "Image captioning", "vqa": "VQA",
+               "classification": "Image classification (vision only)"}
 
 
 @dataclass(frozen=True)
@@ -49,17 +56,22 @@ METRICS: dict[str, tuple[tuple[str, str], ...]] = {  # task -> (metric key, colu
     "retrieval": (("txt_r1", "TR@1"), ("txt_r5", "TR@5"), ("img_r1", "IR@1"), ("img_r5", "IR@5")),
     "captioning": (("bleu4", "BLEU@4"), ("cider", "CIDEr")),
     "vqa": (("vqa_acc", "VQA acc"),),
+    "classification": (("top1", "Top-1"), ("top5", "Top-5")),
 }
 
 
 # The one number per task the cross-task summary normalises (the mean of these metrics): R@1 both
 # directions, CIDEr, VQA accuracy.
 HEADLINE: dict[str, tuple[str, ...]] = {"retrieval": ("txt_r1", "img_r1"), "captioning": ("cider",),
-                                        "vqa": ("vqa_acc",)}
-HEADLINE_LABELS = {"retrieval": "R@1 (TR, IR mean)", "captioning": "CIDEr", "vqa": "VQA acc"}
+                                        "vqa": ("vqa_acc",), "classification": ("top1",)}
+HEADLINE_LABELS = {"retrieval": "R@1 (TR, IR mean)", "captioning": "CIDEr", "vqa": "VQA acc",
+                   "classification": "Top-1"}
 
 
 BUDGET_FIELDS = tuple(f.name for f in fields(TaskSettings))  # ("epochs", "lr", "batch_size")
+
+
+CLASSIFICATION_EPOCHS, CLASSIFICATION_LR = 20, 1e-3
 
 
 def default_budgets() -> dict[str, dict[str, TaskSettings]]:
@@ -75,10 +87,12 @@ def default_budgets() -> dict[str, dict[str, TaskSettings]]:
     return {
         "blip": {"retrieval": TaskSettings(epochs=3, lr=5e-4, batch_size=32),
                  "captioning": TaskSettings(epochs=3, lr=5e-4, batch_size=32),
-                 "vqa": TaskSettings(epochs=16, lr=1e-3, batch_size=16)},
+                 "vqa": TaskSettings(epochs=16, lr=1e-3, batch_size=16),
+                 "classification": TaskSettings(epochs=CLASSIFICATION_EPOCHS, lr=CLASSIFICATION_LR, batch_size=32)},
         "xvlm": {"retrieval": TaskSettings(epochs=3, lr=3e-4, batch_size=32),
                  "captioning": TaskSettings(epochs=3, lr=2e-3, batch_size=32),
-                 "vqa": TaskSettings(epochs=8, lr=1e-3, batch_size=16)},
+                 "vqa": TaskSettings(epochs=8, lr=1e-3, batch_size=16),
+                 "classification": TaskSettings(epochs=CLASSIFICATION_EPOCHS, lr=CLASSIFICATION_LR, batch_size=32)},
     }
 
 
@@ -109,7 +123,7 @@ class QualitySettings:
     methods: tuple[str, ...] = DEFAULT_METHODS
     sparsities: tuple[float, ...] = (0.63, 0.75, 0.9)
     seeds: tuple[int, ...] = (0, 1, 2)
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = VL_TASKS
     world_seed: int = 0
     sizes: WorldSizes = field(default_factory=lambda: WorldSizes(
         calibration=800, train=160, val=1, test=60, vqa_train=160, vg=60, vqa_test=60, questions_per_image=3))
@@ -252,7 +266,8 @@ def optimizer_steps(s: QualitySettings) -> dict[str, Any]:
     """
     captions = s.sizes.train * sum(CAPTIONS_PER_IMAGE) / 2
     questions = (s.sizes.vqa_train + s.sizes.vg) * s.sizes.questions_per_image
-    examples = {"retrieval": captions, "captioning": captions, "vqa": questions}
+    classification = len(CLASSES) * images_per_class(s.sizes.train, s.sizes.test)[0]
+    examples = {"retrieval": captions, "captioning": captions, "vqa": questions, "classification": classification}
     per_run = {m: {t: s.budget(m, t).epochs * int(examples[t] // s.budget(m, t).batch_size) for t in s.tasks}
                for m in s.models}
     backbones = Counter(model for model, _, _ in grid(s))
@@ -272,4 +287,7 @@ def settings_fingerprint(s: QualitySettings) -> dict:
         d.pop(name)
     if d["pattern"] is None:  # unstructured runs keep the fingerprint they had before patterns existed
         d.pop("pattern")
+    if "classification" not in s.tasks:  # runs without it keep the fingerprint they had before it existed
+        for per_task in d["budgets"].values():
+            per_task.pop("classification", None)
     return d

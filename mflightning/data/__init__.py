@@ -1,5 +1,6 @@
 """Data: tokenizer, transforms, datamodules for the design.md formats, and the synthetic world."""
 
+from .classification import ImageClassificationDataModule, ImageFolderCalibration
 from .datamodules import (
     CalibrationConfig,
     CalibrationDataModule,
@@ -23,6 +24,8 @@ __all__ = [
     "CaptionDataModule",
     "DataRecordError",
     "ImageCaptionsDataset",
+    "ImageClassificationDataModule",
+    "ImageFolderCalibration",
     "ImageTextDataset",
     "ProcessorDataModule",
     "RetrievalDataModule",

@@ -40,6 +40,16 @@ def cleaned(clean: Callable[[str], str], text: str, item: Loaded) -> str:
         raise DataRecordError(f"{item.source}: record {item.index}: {exc}") from None
 
 
+def seeded_transform(transform: Callable, image: Any, seed: int | None, index: int) -> Any:
+    """`transform(image)`; with a `seed`, its randomness drawn from torch's RNG seeded with (seed, index), the
+    global RNG left as it was: item `index` gets the same crop every pass, in any process or loader worker."""
+    if seed is None:
+        return transform(image)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + index)
+        return transform(image)
+
+
 class _ImageDataset(Dataset):
     """Shared image loading: decode errors name the image and its record; skip mode returns None."""
 
@@ -70,11 +80,7 @@ class _ImageDataset(Dataset):
             log.warning("skipping record (%d load failures in this process so far): %s",
                         self.num_load_failures, message)
             return None
-        if self.augment_seed is None:
-            return self.augment(index, image)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.augment_seed * 1_000_003 + index)
-            return self.augment(index, image)
+        return seeded_transform(lambda im: self.augment(index, im), image, self.augment_seed, index)
 
     def augment(self, index: int, image: Image.Image) -> torch.Tensor:
         """The transform of item `index`'s decoded image (a dataset may add item-dependent steps)."""
