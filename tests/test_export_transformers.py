@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
 from transformers import (BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering,
                           BlipProcessor)
@@ -24,6 +25,7 @@ from mflightning.data.transforms import CLIP_STD, build_test_transform  # noqa: 
 from mflightning.export import export_transformers  # noqa: E402
 from mflightning.export.transformers_export import generation_settings  # noqa: E402
 from mflightning.models.blip import honour_cross_attention_masks  # noqa: E402
+from mflightning.pruning.checksum import tensors_checksum  # noqa: E402
 
 CLASSES = {"retrieval": BlipForImageTextRetrieval, "captioning": BlipForConditionalGeneration,
            "vqa": BlipForQuestionAnswering}
@@ -309,6 +311,8 @@ def test_transformers_families_export_through_save_pretrained_and_reload_equal(t
     card = (tmp_path / "out" / "README.md").read_text()
     assert export.masks_sha256 == hashlib.sha256((tmp_path / "out" / "masks.safetensors").read_bytes()).hexdigest()
     assert f"`{export.masks_sha256}`" in card and "tiny random" in card and f"`{type(model).__name__}`" in card
+    stored = tensors_checksum(load_file(tmp_path / "out" / "masks.safetensors"))  # recomputed from the tensors
+    assert f"`{stored}`" in card and stored.startswith("sha256:")
 
 
 def test_the_compressed_loader_never_imports_what_a_config_names(tmp_path, monkeypatch):

@@ -206,6 +206,7 @@ def _export_blip(module: Any, out: Path, masks: MaskSource, provenance: Mapping[
     notes = _blip_notes(task, backbone)
     card = _card(
         architecture=architecture, task=task, result=result, digest=digest, groups=groups,
+        tensors_digest=stored_checksum(out / MASKS_NAME),
         base=base_checkpoint or _base_checkpoint(module), metrics=_metrics(module, metrics), notes=notes,
         left_out=left_out, usage=_blip_usage(task, module, architecture),
         extra={"ITC temperature (not in transformers' class)": f"{backbone.temp.item():.6g}"}
@@ -394,6 +395,7 @@ def _export_family(model: Any, out: Path, masks: MaskSource, provenance: Mapping
     groups = result.group_sparsity()
     notes = [] if processor is not None else ["no processor was given: use the base checkpoint's"]
     card = _card(architecture=architecture, task=None, result=result, digest=digest, groups=groups,
+                 tensors_digest=stored_checksum(out / MASKS_NAME),
                  base=base_checkpoint or getattr(model.config, "_name_or_path", "") or "unknown",
                  metrics=dict(metrics or {}), notes=notes, left_out=[], usage=_family_usage(architecture), extra={})
     (out / CARD_NAME).write_text(card)
@@ -518,6 +520,15 @@ def _save_masks(result: Any, out: Path) -> str:
     return sha256_file(path)
 
 
+def stored_checksum(path: str | os.PathLike) -> str:
+    """The checksum of a mask file's tensors, as its safetensors metadata holds it: unlike the file's sha256
+    (safetensors orders its header keys differently from run to run), the same masks always give the same one."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return (handle.metadata() or {}).get("checksum", "none")
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -546,7 +557,8 @@ def _metrics(module: Any, metrics: Mapping[str, float] | None) -> dict[str, floa
     return {f"{stage}/{name}": float(value) for stage, values in results.items() for name, value in values.items()}
 
 
-def _card(*, architecture: str, task: str | None, result: Any, digest: str, groups: Mapping[str, float], base: str,
+def _card(*, architecture: str, task: str | None, result: Any, digest: str, tensors_digest: str,
+          groups: Mapping[str, float], base: str,
           metrics: Mapping[str, float], notes: list[str], left_out: list[str], usage: str,
           extra: Mapping[str, str]) -> str:
     """README.md: YAML front matter (library, tags) and what was pruned, how, on what, and how to use it."""
@@ -566,6 +578,7 @@ def _card(*, architecture: str, task: str | None, result: Any, digest: str, grou
         ("masked weights", f"{result.num_weights} in {result.num_layers} layers"),
         ("calibration data", calibration),
         (f"mask file `{MASKS_NAME}` sha256", f"`{digest}`"),
+        ("mask tensors checksum (the same for the same masks; checked when the file loads)", f"`{tensors_digest}`"),
         *extra.items(),
     ]
     lines = [*front, "", f"# {architecture} pruned with mflightning", "",
