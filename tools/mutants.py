@@ -191,7 +191,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "bits = packed.reshape(-1, 1).bitwise_and(_BIT_WEIGHTS).eq(0).reshape(-1)",
            "bit-packed checkpoint masks restore inverted"),
     # ---------------------------------------------------------------- checkpoints, protocol, families (issues 10, 13, 14)
-    Mutant("momentum-no-decay", "mflightning/tasks/momentum.py", "    torch._foreach_mul_(targets, momentum)\n",
+    Mutant("momentum-no-decay", "mflightning/tasks/momentum.py", "    torch._foreach_mul_(targets, kept)\n",
            "", "the momentum update adds without decaying (p_m + (1-m) p)",
            tests=("tests/tasks/test_retrieval_momentum.py",)),
     Mutant("queue-ptr-stuck", "mflightning/tasks/momentum.py", "        self.ptr.fill_((start + n) % self.size)",
