@@ -15,10 +15,21 @@ from torch.utils.data import DataLoader
 from toy_models import GROUPS, ToyModule, make_batches
 
 
+class ReleaseProcessGroup(L.Callback):
+    """At the end of a worker's fit, both ranks leave together and destroy the gloo group. Lightning's spawn
+    workers exit with it alive (rank 1 right away, while rank 0 still saves the weights), and a gloo group torn
+    down at interpreter exit now and then aborts the process ("terminate called without an active exception")."""
+
+    def teardown(self, trainer, pl_module, stage):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
 def fit(pruning, module, **spawn) -> dict:
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, **spawn,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[pruning])
+                        callbacks=[pruning, ReleaseProcessGroup()])
     trainer.fit(module, DataLoader(make_batches(4), batch_size=None))
     params = dict(module.named_parameters())
     masks = {n: m.clone() for n, m in pruning.kept_masks.items()}
