@@ -153,12 +153,17 @@ def recognise(model: nn.Module) -> str | None:
     Two different families in one model (a CLIP teacher and a BLIP-2 student) are an error: pass
     `modalities=` yourself.
     """
-    found = find_family_models(model)
+    return single_preset(find_family_models(model), "transformers models")
+
+
+def single_preset(found: list[tuple[str, nn.Module, Any]], what: str) -> str | None:
+    """The one preset of the `(prefix, module, family)` models found in a model, None when there are none;
+    models of several families are an error naming where each sits (the user must pass `modalities=`)."""
     presets = list(dict.fromkeys(family.preset for _, _, family in found))
     if len(presets) > 1:
         where = ", ".join(f"{prefix or '<root>'} ({type(m).__name__})" for prefix, m, _ in found)
         raise ValueError(
-            f"the model holds transformers models of several families ({where}): presets {presets}; "
+            f"the model holds {what} of several families ({where}): presets {presets}; "
             "pass modalities= (a preset name or a map group -> regex) to say how to group its layers"
         )
     return presets[0] if presets else None

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from mflightning.models.hf_families import single_preset
 from mflightning.pruning.presets import CalibrationAdapter, register_preset
 
 _ANY = r"(^|\.)"  # the vision model may sit anywhere in a wrapper (``backbone.``, ``model.``)
@@ -180,16 +181,10 @@ def recognise(model: nn.Module) -> str | None:
     """The preset of the vision transformer `model` is or holds; None when it holds none, or when prunable
     layers outside it (other than dense heads) say it is part of a larger model. Two families: an error."""
     found = find_vision_models(model)
-    presets = list(dict.fromkeys(family.preset for _, _, family in found))
-    if len(presets) > 1:
-        where = ", ".join(f"{prefix or '<root>'} ({type(m).__name__})" for prefix, m, _ in found)
-        raise ValueError(
-            f"the model holds vision transformers of several families ({where}): presets {presets}; "
-            "pass modalities= (a preset name or a map group -> regex) to say how to group its layers"
-        )
-    if not presets or _outside(model, found, presets[0]):
+    preset = single_preset(found, "vision transformers")
+    if preset is None or _outside(model, found, preset):
         return None
-    return presets[0]
+    return preset
 
 
 def images_of(batch: Any) -> Tensor:

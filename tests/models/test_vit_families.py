@@ -137,6 +137,14 @@ def test_a_wrapper_with_a_head_is_recognised_but_a_larger_model_is_not():
     assert recognise_preset(Classifier(vit, extra=True)) is None
 
 
+def test_vision_transformers_of_two_families_in_one_model_are_an_error_naming_both():
+    """A timm ViT teacher beside a torchvision ViT student: no preset is guessed, the error says where each sits."""
+    both = nn.ModuleDict({"teacher": MODELS["timm"][0](), "student": MODELS["torchvision"][0]()})
+    with pytest.raises(ValueError, match=r"vision transformers of several families .*teacher\. \(VisionTransformer\)"
+                                         r".*student\. \(VisionTransformer\)"):
+        recognise_preset(both)
+
+
 def test_bad_batches_and_backbones_name_the_problem():
     with pytest.raises(KeyError, match="pixel_values"):
         images_of({"input_ids": torch.zeros(2, 3)})
